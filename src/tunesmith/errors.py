@@ -1,0 +1,65 @@
+"""User-facing errors. Each one says where the problem is and how to fix it; the CLI prints them
+without a traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class TunesmithError(Exception):
+    """An error caused by the user's input or environment, with a hint on how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if not hint else f"{message}\n  hint: {hint}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a config or data file: where, what, and how to fix it."""
+
+    where: str  # "train.lr", or "data/train.jsonl:12 field 'messages[1].role'"
+    what: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}" + (f" (hint: {self.hint})" if self.hint else "")
+
+
+class ProblemsError(TunesmithError):
+    """Several problems collected in one pass and reported together."""
+
+    title = "problems found"
+
+    def __init__(self, problems: list[Problem], total: int | None = None, shown: int = 20, title: str | None = None):
+        self.problems = list(problems)
+        self.total = total if total is not None else len(self.problems)
+        title = title or self.title
+        lines = [f"{title} ({self.total}):"]
+        lines += [f"  - {p}" for p in self.problems[:shown]]
+        if self.total > min(shown, len(self.problems)):
+            lines.append(f"  ... and {self.total - min(shown, len(self.problems))} more")
+        super().__init__("\n".join(lines))
+
+
+class ConfigError(ProblemsError):
+    title = "invalid config"
+
+
+class DataError(ProblemsError):
+    title = "invalid data"
+
+
+class ModelLoadError(TunesmithError):
+    pass
+
+
+class TrainingAborted(TunesmithError):
+    """Training stopped on purpose (non-finite loss, signal); carries a documented exit code."""
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = 3):
+        super().__init__(message, hint)
+        self.exit_code = exit_code
