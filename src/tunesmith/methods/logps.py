@@ -1,0 +1,90 @@
+"""Per-sequence log-probs of the trained tokens, computed in chunks.
+
+The transformer body runs once; the LM head and log-softmax then run only on the positions whose next token
+is trained, a chunk at a time under activation checkpointing, so the full [tokens x vocab] logits never exist
+at once. Every method (SFT and the preference methods) gets its log-probs from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..data.batching import Batch
+from ..data.render import IGNORE
+
+
+@dataclass
+class SeqLogps:
+    """Summed log-probs of each sequence's trained tokens, and how many tokens were summed."""
+
+    logp_sum: torch.Tensor  # [S] float32
+    n_tokens: torch.Tensor  # [S] float32
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.logp_sum / self.n_tokens.clamp(min=1)
+
+    def split(self, n: int) -> tuple[SeqLogps, SeqLogps]:
+        """First n sequences and the rest (chosen / rejected halves of a pair batch)."""
+        return (SeqLogps(self.logp_sum[:n], self.n_tokens[:n]), SeqLogps(self.logp_sum[n:], self.n_tokens[n:]))
+
+    def detach(self) -> SeqLogps:
+        return SeqLogps(self.logp_sum.detach(), self.n_tokens.detach())
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under PEFT / DDP / compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Last hidden states [R, T, H] of the transformer body (adapters included, LM head not applied)."""
+    lm = unwrap(model)
+    body = getattr(lm, lm.base_model_prefix)
+    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask(),
+               position_ids=batch.position_ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    return torch.gather(logits.log_softmax(-1), -1, targets[:, None]).squeeze(-1)
+
+
+def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of every trained token and the sequence it belongs to, both [N_target]."""
+    h = hidden_states(model, batch)
+    head = unwrap(model).get_output_embeddings()
+    targets_mask = batch.labels[:, 1:] != IGNORE
+    h_sel = h[:, :-1][targets_mask]
+    targets = batch.labels[:, 1:][targets_mask]
+    seq = batch.seq_ids[:, 1:][targets_mask]
+    pieces = []
+    for k in range(0, targets.shape[0], chunk):
+        hc, tc = h_sel[k:k + chunk], targets[k:k + chunk]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            pieces.append(checkpoint(_chunk_logps, head, hc, tc, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(head, hc, tc))
+    logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+    return logps, seq
+
+
+def sequence_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> SeqLogps:
+    logps, seq = token_logps(model, batch, chunk)
+    s = batch.n_seqs
+    total = torch.zeros(s, dtype=torch.float32, device=logps.device).index_add(0, seq, logps)
+    count = torch.zeros(s, dtype=torch.float32, device=logps.device).index_add(
+        0, seq, torch.ones_like(logps))
+    return SeqLogps(total, count)

@@ -1,0 +1,130 @@
+"""Model spec → (model, tokenizer). A spec is "default", a local HF directory, a .gguf file, or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from . import default as default_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve(spec: str | None, trust_remote_code: bool = False, revision: str | None = None) -> Path | str:
+    """Turn a model spec into something `from_pretrained` loads: a local directory or a hub id."""
+    if spec in (None, "", "default"):
+        return default_model.default_model_dir()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}", hint="check the path in `model:`")
+        stat = path.stat()
+        target = default_model.cache_root() / "models" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        if not (target / "tunesmith-model.json").exists():
+            default_model.convert_gguf(path, target, identity={"name": path.stem, "gguf": str(path.resolve()),
+                                                               "gguf_size": stat.st_size})
+        return target
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a directory but has no config.json",
+                                 hint="point `model:` at a Hugging Face model directory, a .gguf file or a hub id")
+        return path
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path not usable: {spec}",
+                             hint="use a Hugging Face model directory, a .gguf file, a hub id or 'default'")
+    return spec  # hub id
+
+
+def _hub_error(spec: str, err: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+    why = "offline mode is on (HF_HUB_OFFLINE)" if offline else f"it could not be downloaded ({type(err).__name__})"
+    return ModelLoadError(f"model '{spec}' is not a local path and {why}",
+                          hint="download it on a connected machine and point `model:` at the local directory, "
+                               "or use `model: default`")
+
+
+def load_tokenizer(spec: str | None, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    where = resolve(spec, trust_remote_code, revision)
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, revision=revision,
+                                             **_hub_kwargs(where))
+    except Exception as e:  # noqa: BLE001 - translated into a user-facing error
+        raise _translate(spec, where, e) from None
+
+
+def load_model_and_tokenizer(spec: str | None = "default", *, device: str | torch.device = "cpu",
+                             precision: str = "fp32", dtype: str | None = None, quantize_nf4: bool = False,
+                             double_quant: bool = True, trust_remote_code: bool = False,
+                             revision: str | None = None):
+    """Load a causal LM and its tokenizer. `dtype` is the storage dtype of the weights (default fp32);
+    `precision` is the compute precision (used as the NF4 compute dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    where = resolve(spec, trust_remote_code, revision)
+    tokenizer = load_tokenizer(spec, trust_remote_code, revision)
+    kwargs = dict(trust_remote_code=trust_remote_code, revision=revision, dtype=DTYPES[dtype or "fp32"],
+                  **_hub_kwargs(where))
+    if quantize_nf4:
+        from .quantize import nf4_config
+
+        kwargs["quantization_config"] = nf4_config(double_quant, DTYPES.get(precision, torch.bfloat16))
+        kwargs["device_map"] = {"": str(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise _translate(spec, where, e) from None
+    if not quantize_nf4:
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _hub_kwargs(where) -> dict:
+    return {} if isinstance(where, Path) else {"local_files_only": os.environ.get("HF_HUB_OFFLINE") == "1"}
+
+
+def _translate(spec, where, e: Exception) -> Exception:
+    text = str(e)
+    if "trust_remote_code" in text:
+        return ModelLoadError(f"model '{spec}' ships its own Python code, which tunesmith does not run by default",
+                              hint="if you trust its authors, set `trust_remote_code: true` in the config "
+                                   "(or --set trust_remote_code=true)")
+    if isinstance(where, str) and isinstance(e, (OSError, ValueError, ConnectionError)):
+        return _hub_error(spec, e)
+    if isinstance(e, ModelLoadError):
+        return e
+    return ModelLoadError(f"could not load model '{spec}': {type(e).__name__}: {text.splitlines()[0] if text else ''}")
+
+
+def model_identity(spec: str | None, revision: str | None = None) -> dict:
+    """What a run records about its base model: the spec, where it was loaded from and a content hash."""
+    where = resolve(spec, revision=revision)
+    ident: dict = {"spec": spec or "default", "source": str(where)}
+    if isinstance(where, Path):
+        marker = where / "tunesmith-model.json"
+        if marker.exists():
+            ident.update(json.loads(marker.read_text()))
+        ident["sha256"] = directory_hash(where, patterns=("*.safetensors", "config.json"))
+    else:
+        ident["revision"] = revision
+    return ident
+
+
+def directory_hash(path: Path, patterns: tuple[str, ...]) -> str:
+    """sha256 over the named files of a directory (names and contents), streamed."""
+    h = hashlib.sha256()
+    for pattern in patterns:
+        for f in sorted(path.glob(pattern)):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
