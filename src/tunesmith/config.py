@@ -48,6 +48,8 @@ class AdapterConfig(Section):
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
     double_quant: bool = True  # QLoRA
     from_adapter: str | None = None  # start from an existing adapter dir (e.g. an SFT run)
+    use_dora: bool = False  # DoRA magnitudes on top of lora/rslora/qlora (kind: dora is lora + this)
+    use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) on top of lora/dora/qlora
 
 
 class MethodConfig(Section):
@@ -176,9 +178,38 @@ def cross_check(cfg: RunConfig) -> list[Problem]:
         unknown = set(st.train) - set(TrainConfig.model_fields)
         for k in sorted(unknown):
             p.append(Problem(f"stages[{i}].train.{k}", "unknown key", _suggest(k, TrainConfig.model_fields)))
+    p += adapter_problems(a)
     if cfg.eval is not None and cfg.eval.data is None and cfg.data.eval is None and cfg.data.eval_split == 0:
         p.append(Problem("eval.data", "an eval section needs held-out data",
                          "set eval.data, data.eval or data.eval_split"))
+    return p
+
+
+def adapter_problems(a: AdapterConfig) -> list[Problem]:
+    """Adapter settings that cannot work together (beyond those checked in cross_check)."""
+    p: list[Problem] = []
+    if a.kind == "full":
+        lora_only = {"use_dora": a.use_dora, "use_rslora": a.use_rslora, "modules_to_save": a.modules_to_save,
+                     "dropout": a.dropout > 0, "target": a.target != "all-linear"}
+        for key, is_set in lora_only.items():
+            if is_set:
+                p.append(Problem(f"adapter.{key}", "applies to LoRA adapters; full fine-tuning trains every "
+                                 "parameter", f"remove adapter.{key} or choose a LoRA adapter kind"))
+        if a.from_adapter:
+            p.append(Problem("adapter.from_adapter", "full fine-tuning cannot start from a LoRA adapter",
+                             "merge the adapter first (tunesmith merge) and use the merged folder as model:"))
+    if a.from_adapter and a.init != "default":
+        p.append(Problem("adapter.init", "adapter.init only applies to new adapters; from_adapter continues a "
+                         "trained one", "remove adapter.init or adapter.from_adapter"))
+    if (a.kind == "dora" or a.use_dora) and a.init in ("pissa", "olora"):
+        p.append(Problem("adapter.init", f"'{a.init}' with DoRA is not supported", "use adapter.init: default"))
+    quantised_names = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "dense", "gate_proj", "up_proj",
+                       "down_proj", "gate_up_proj", "fc1", "fc2"}
+    if a.kind == "qlora":
+        for name in a.modules_to_save:
+            if name.split(".")[-1] in quantised_names:
+                p.append(Problem("adapter.modules_to_save", f"'{name}' is a linear layer that QLoRA stores in 4-bit; "
+                                 "it cannot be trained in full", "list it in adapter.target to train it with LoRA"))
     return p
 
 
@@ -273,16 +304,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {} if node.get(part) is None or not isinstance(node.get(part), dict) else node[part]
-            node = node[part]
-        try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            node[parts[-1]] = value
+            current = node.get(part)
+            if part == "adapter" and isinstance(current, str):
+                current = {"kind": current}  # the `adapter: lora` shorthand
+            if current is None:
+                current = {}
+            if not isinstance(current, dict):
+                problems.append(Problem(f"--set {item}", f"'{part}' is a value, not a section"))
+                break
+            node[part] = current
+            node = current
+        else:
+            _set_leaf(node, parts[-1], value)
     if problems:
         raise ConfigError(problems, title="invalid --set overrides")
     return raw
+
+
+def _set_leaf(node: dict, key: str, value: str) -> None:
+    try:
+        node[key] = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        node[key] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
