@@ -1,0 +1,233 @@
+"""Eval artifacts: results.json (every example, output and score) and report.md / report.html (verdicts,
+a bar chart with CI error bars, and the tuned model's worst failures next to the baselines' outputs).
+The HTML is self-contained: inline CSS and SVG, no scripts, every user string escaped."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import TunesmithError
+from tunesmith.eval.stats import Comparison, format_aggregate
+
+MAX_SHOWN_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    prompt: str
+    reference: str
+
+
+def _prompt_reference(example: EvalExample | Mapping[str, Any]) -> tuple[str, str]:
+    if isinstance(example, Mapping):
+        return str(example["prompt"]), str(example["reference"])
+    return example.prompt, example.reference
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def build_results(examples: Sequence[EvalExample | Mapping[str, Any]], candidates: Sequence[str],
+                  scores: Mapping[str, Mapping[str, Sequence[float]]],
+                  outputs: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """scores: metric -> candidate -> per-example score; outputs: candidate -> per-example text (a
+    candidate scored only by log-probs may have no outputs)."""
+    n = len(examples)
+    for metric, by_candidate in scores.items():
+        for name, values in by_candidate.items():
+            if len(values) != n:
+                raise TunesmithError(f"{metric} scores of {name}: {len(values)} values for {n} examples")
+    for name, texts in outputs.items():
+        if len(texts) != n:
+            raise TunesmithError(f"outputs of {name}: {len(texts)} texts for {n} examples")
+    rows = []
+    for i, example in enumerate(examples):
+        prompt, reference = _prompt_reference(example)
+        rows.append({
+            "index": i, "prompt": prompt, "reference": reference,
+            "outputs": {c: outputs[c][i] if c in outputs else None for c in candidates},
+            "scores": {m: {c: _finite_or_none(s[c][i]) for c in candidates if c in s} for m, s in scores.items()},
+        })
+    return {"candidates": list(candidates), "metrics": list(scores), "n": n, "examples": rows}
+
+
+def write_results(path: str | Path, examples: Sequence[EvalExample | Mapping[str, Any]], candidates: Sequence[str],
+                  scores: Mapping[str, Mapping[str, Sequence[float]]],
+                  outputs: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    results = build_results(examples, candidates, scores, outputs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return results
+
+
+def worst_failures(comparison: Comparison, results: Mapping[str, Any], tuned: str,
+                   limit: int = 10) -> list[dict[str, Any]]:
+    """Examples where `tuned` is wrong (binary: 0; fraction: < 1; loss: any), those where a baseline did
+    better first, then by the tuned score, worst first."""
+    sign = 1.0 if comparison.higher_is_better else -1.0
+    baselines = [p.baseline for p in comparison.pairs if p.tuned == tuned]
+    ranked = []
+    for row in results["examples"]:
+        by_candidate = row["scores"].get(comparison.metric, {})
+        mine = by_candidate.get(tuned)
+        if mine is None or (comparison.unit == "pts" and mine >= 1.0):
+            continue
+        gaps = [sign * (by_candidate[b] - mine) for b in baselines if by_candidate.get(b) is not None]
+        ranked.append((-max(gaps, default=0.0), sign * mine, row["index"], row))
+    ranked.sort(key=lambda item: item[:3])
+    return [row for *_, row in ranked[:limit]]
+
+
+def _clip(text: str | None) -> str:
+    if text is None:
+        return "(no output)"
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + f"\u2026 [{len(text)} chars]"
+
+
+def _tuned_names(comparisons: Sequence[Comparison]) -> list[str]:
+    return list(dict.fromkeys(p.tuned for c in comparisons for p in c.pairs))
+
+
+def _md_block(text: str) -> str:
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def _longest_backtick_run(text: str) -> int:
+    longest = run = 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    return longest
+
+
+def _score_text(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if unit != "pts" else f"{value:g}"
+
+
+def render_markdown(comparisons: Sequence[Comparison], results: Mapping[str, Any], notes: Sequence[str] = (),
+                    max_failures: int = 10) -> str:
+    lines = [f"# Eval report ({results['n']} examples)", ""]
+    for c in comparisons:
+        direction = "higher is better" if c.higher_is_better else "lower is better"
+        lines += [f"## {c.metric} ({direction})", ""]
+        lines += [f"- {line}" for line in c.summary()] + [""]
+        lines += [f"- **{p.verdict}**" if p.outcome == "win" else f"- {p.verdict}" for p in c.pairs]
+        lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    for tuned in _tuned_names(comparisons[:1]):
+        primary = comparisons[0]
+        failures = worst_failures(primary, results, tuned, max_failures)
+        lines += [f"## Worst failures of {tuned} ({primary.metric})", ""]
+        if not failures:
+            lines += ["None.", ""]
+        for row in failures:
+            lines += [f"### Example {row['index']}", "", "**Prompt**", "", _md_block(_clip(row["prompt"])), "",
+                      "**Reference**", "", _md_block(_clip(row["reference"])), ""]
+            for name, output in row["outputs"].items():
+                score = _score_text(row["scores"][primary.metric].get(name), primary.unit)
+                lines += [f"**{name}** (score {score})", "", _md_block(_clip(output)), ""]
+    return "\n".join(lines)
+
+
+def bar_chart_svg(comparison: Comparison, tuned: Sequence[str] = ()) -> str:
+    """One bar per candidate (mean) with its bootstrap CI as an error bar; y axis from 0."""
+    aggs = list(comparison.aggregates.values())
+    scale = 100.0 if comparison.unit == "pts" else 1.0
+    top = 100.0 if comparison.unit == "pts" else max([a.hi * scale for a in aggs] + [1e-9]) * 1.1
+    width, height, left, bottom, plot_h, slot = 80 + 110 * len(aggs), 260, 50, 60, 180, 110
+
+    def y(value: float) -> float:
+        return bottom + plot_h - plot_h * max(0.0, min(value * scale, top)) / top
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" '
+             f'role="img" aria-label="{escape(comparison.metric)} by candidate">',
+             f'<line x1="{left}" y1="{bottom + plot_h}" x2="{width - 10}" y2="{bottom + plot_h}" stroke="#444"/>']
+    for tick in (0.0, 0.5, 1.0):
+        ty = bottom + plot_h - plot_h * tick
+        label = f"{tick * top:.0f}" if comparison.unit == "pts" else f"{tick * top:.2f}"
+        parts.append(f'<text x="{left - 6}" y="{ty + 4:.1f}" text-anchor="end" font-size="11">{label}</text>')
+    for i, agg in enumerate(aggs):
+        x = left + 20 + i * slot
+        cx = x + 35
+        fill = "#2b7bb9" if agg.name in tuned else "#9aa5b1"
+        value = f"{agg.mean * scale:.1f}" if comparison.unit == "pts" else f"{agg.mean:.3f}"
+        parts += [
+            f'<rect class="bar" x="{x}" y="{y(agg.mean):.1f}" width="70" height="{bottom + plot_h - y(agg.mean):.1f}" '
+            f'fill="{fill}"><title>{escape(format_aggregate(agg, comparison.unit, comparison.alpha))}</title></rect>',
+            f'<line class="ci" x1="{cx}" y1="{y(agg.lo):.1f}" x2="{cx}" y2="{y(agg.hi):.1f}" stroke="#111"/>',
+            f'<line x1="{cx - 8}" y1="{y(agg.lo):.1f}" x2="{cx + 8}" y2="{y(agg.lo):.1f}" stroke="#111"/>',
+            f'<line x1="{cx - 8}" y1="{y(agg.hi):.1f}" x2="{cx + 8}" y2="{y(agg.hi):.1f}" stroke="#111"/>',
+            f'<text x="{cx}" y="{y(agg.hi) - 6:.1f}" text-anchor="middle" font-size="11">{value}</text>',
+            f'<text x="{cx}" y="{bottom + plot_h + 16}" text-anchor="middle" font-size="11">'
+            f'{escape(agg.name[:18])}</text>',
+        ]
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#111}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
+pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px;max-width:40em}
+.win{color:#11691f;font-weight:bold}.worse{color:#a11}"""
+
+
+def _pre(text: str | None) -> str:
+    return f"<pre>{escape(_clip(text))}</pre>"
+
+
+def render_html(comparisons: Sequence[Comparison], results: Mapping[str, Any], notes: Sequence[str] = (),
+                max_failures: int = 10) -> str:
+    tuned = _tuned_names(comparisons)
+    body = [f"<h1>Eval report ({results['n']} examples)</h1>"]
+    for c in comparisons:
+        direction = "higher is better" if c.higher_is_better else "lower is better"
+        body += [f"<h2>{escape(c.metric)} ({direction})</h2>", bar_chart_svg(c, tuned), "<ul>"]
+        body += [f"<li>{escape(line)}</li>" for line in c.summary()] + ["</ul><ul>"]
+        body += [f'<li class="{p.outcome}">{escape(p.verdict)}</li>' for p in c.pairs] + ["</ul>"]
+    if notes:
+        body += ["<h2>Notes</h2><ul>"] + [f"<li>{escape(n)}</li>" for n in notes] + ["</ul>"]
+    for name in _tuned_names(comparisons[:1]):
+        primary = comparisons[0]
+        failures = worst_failures(primary, results, name, max_failures)
+        body.append(f"<h2>Worst failures of {escape(name)} ({escape(primary.metric)})</h2>")
+        if not failures:
+            body.append("<p>None.</p>")
+            continue
+        heads = "".join(f"<th>{escape(c)}</th>" for c in results["candidates"])
+        body.append(f"<table><tr><th>#</th><th>prompt</th><th>reference</th>{heads}</tr>")
+        for row in failures:
+            cells = "".join(
+                f"<td>{_pre(row['outputs'].get(c))}<small>score "
+                f"{_score_text(row['scores'][primary.metric].get(c), primary.unit)}</small></td>"
+                for c in results["candidates"])
+            body.append(f"<tr><td>{row['index']}</td><td>{_pre(row['prompt'])}</td>"
+                        f"<td>{_pre(row['reference'])}</td>{cells}</tr>")
+        body.append("</table>")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>tunesmith eval report</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(out_dir: str | Path, comparison: Comparison | Sequence[Comparison], results: Mapping[str, Any],
+                 notes: Sequence[str] = (), max_failures: int = 10) -> tuple[Path, Path]:
+    """Write report.md and report.html into out_dir; the first comparison's metric picks the failures."""
+    comparisons = [comparison] if isinstance(comparison, Comparison) else list(comparison)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, html = out / "report.md", out / "report.html"
+    md.write_text(render_markdown(comparisons, results, notes, max_failures), encoding="utf-8")
+    html.write_text(render_html(comparisons, results, notes, max_failures), encoding="utf-8")
+    return md, html
