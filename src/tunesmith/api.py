@@ -1,0 +1,95 @@
+"""The Python API. It mirrors the CLI: `tunesmith.train(config)` is `tunesmith train CONFIG`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .config import RunConfig, load_config, parse_config
+from .train.recipe import Run
+
+
+def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | None = None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if overrides:
+            return load_config(None, overrides, base=config.model_dump(mode="json"))
+        return config
+    if isinstance(config, dict):
+        return load_config(None, overrides, base=config) if overrides else parse_config(config)
+    return load_config(config, overrides)
+
+
+def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
+          console: Console | None = None, progress: bool = True, evaluate: bool = True) -> Run:
+    """Train as the config says (a RunConfig, a dict, or a YAML path) and return the run. When the config has
+    an `eval:` section, the comparison eval runs at the end."""
+    from .train.recipe import train as run_training
+
+    cfg = _as_config(config, overrides)
+    run = run_training(cfg, console=console, progress=progress)
+    if evaluate and cfg.eval is not None:
+        from .eval.run import evaluate_run
+
+        run.info["eval"] = evaluate_run(run, console=console)
+    return run
+
+
+class ChatModel:
+    """A loaded model (optionally with adapters) that answers lists of messages."""
+
+    def __init__(self, model, tokenizer, device, precision: str, adapters=None):
+        from .eval.generate import Generator
+
+        self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        self.generator = Generator(model, tokenizer, device=device, precision=precision)
+
+    def generate(self, prompts: list[list[dict]], **kwargs: Any) -> list[str]:
+        return self.generator.generate(prompts, **kwargs)
+
+    def use(self, name: str | None) -> None:
+        """Switch to adapter `name` (None = the base model). Only for models opened with open_adapters."""
+        if self.adapters is None:
+            raise ValueError("this model was not opened with adapters; use tunesmith.open_adapters")
+        self.adapters.use(name)
+
+
+def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "bf16") -> ChatModel:
+    """A run folder (base + its adapter) or a model spec ("default", HF dir, .gguf, hub id)."""
+    from .model.device import make_runtime
+    from .model.load import load_model_and_tokenizer
+    from .model.runs import is_run_dir, load_run
+
+    rt = make_runtime(device, precision)
+    dtype = "fp32" if rt.precision == "fp32" else rt.precision
+    if target is not None and is_run_dir(target):
+        model, tok, _ = load_run(target, device=rt.device, precision=rt.precision, dtype=dtype)
+    else:
+        model, tok = load_model_and_tokenizer(str(target) if target else "default", device=rt.device,
+                                              precision=rt.precision, dtype=dtype)
+    return ChatModel(model, tok, rt.device, rt.precision)
+
+
+def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str = "auto",
+                  precision: str = "bf16") -> ChatModel:
+    """Load the base once and attach several adapters (run folders or adapter folders); switch with .use()."""
+    from .model.device import make_runtime
+    from .model.load import load_model_and_tokenizer
+    from .model.runs import is_run_dir, run_info
+    from .model.swap import AdapterSet
+
+    rt = make_runtime(device, precision)
+    dirs = {n: Path(p) / "adapter" if is_run_dir(p) else Path(p) for n, p in adapters.items()}
+    if base is None:
+        runs = [run_info(p) for p in adapters.values() if is_run_dir(p)]
+        base = runs[0]["model"] if runs else "default"
+    model, tok = load_model_and_tokenizer(base, device=rt.device, precision=rt.precision,
+                                          dtype="fp32" if rt.precision == "fp32" else rt.precision)
+    aset = AdapterSet(model)
+    for name, d in dirs.items():
+        aset.add(name, d)
+    return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
+
+
+__all__ = ["ChatModel", "Run", "RunConfig", "load_config", "open_adapters", "open_model", "parse_config", "train"]

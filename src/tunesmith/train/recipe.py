@@ -1,0 +1,209 @@
+"""The training recipe, top to bottom: load the model, attach the adapter, load and render the data, train
+with the one loop, save the adapter and the run record. Multi-stage configs (SFT then DPO) run the recipe
+once per stage, each stage starting from the previous stage's adapter."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from ..config import DataConfig, RunConfig, TrainConfig
+from ..errors import TunesmithError
+from ..methods import get_method
+from ..model.device import make_runtime
+from .loop import Trainer, TrainState
+from .progress import TrainProgress
+from .rundir import RunDir, data_hash
+
+
+@dataclass
+class Run:
+    """A finished (or resumed) training run and where its outputs are."""
+
+    path: Path
+    config: RunConfig
+    state: TrainState | None = None
+    info: dict = field(default_factory=dict)
+    stages: list[Run] = field(default_factory=list)
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def metrics(self) -> list[dict]:
+        from .rundir import read_metrics
+
+        return read_metrics(self.path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def base_dtype(cfg: RunConfig) -> str:
+    """Frozen base weights are stored in the compute precision (half the memory); trained weights in fp32."""
+    if cfg.adapter.kind == "full" or cfg.precision == "fp32":
+        return "fp32"
+    return cfg.precision
+
+
+def train(cfg: RunConfig, console: Console | None = None, progress: bool = True) -> Run:
+    """Run a whole config: one stage, or each of `stages` in order."""
+    console = console or Console(stderr=True)
+    if not cfg.stages:
+        return train_stage(cfg, cfg.run_dir, console, progress)
+    runs: list[Run] = []
+    from_adapter = cfg.adapter.from_adapter
+    for i, stage_cfg in enumerate(stage_configs(cfg)):
+        if from_adapter:
+            stage_cfg = stage_cfg.model_copy(update={"adapter": stage_cfg.adapter.model_copy(
+                update={"from_adapter": str(from_adapter)})})
+        name = cfg.stages[i].name or f"{i + 1}-{stage_cfg.method}"
+        console.print(f"[bold]stage {i + 1}/{len(cfg.stages)}[/bold]: {name} ({stage_cfg.method})")
+        run = train_stage(stage_cfg, cfg.run_dir / "stages" / name, console, progress)
+        runs.append(run)
+        from_adapter = run.adapter
+    final = RunDir(cfg.run_dir)
+    final.write_config(cfg)
+    if final.adapter.exists():
+        shutil.rmtree(final.adapter)
+    shutil.copytree(runs[-1].adapter, final.adapter)
+    info = {**runs[-1].info, "stages": [str(r.path) for r in runs]}
+    final.write_run_json(info)
+    return Run(cfg.run_dir, cfg, runs[-1].state, info, runs)
+
+
+def stage_configs(cfg: RunConfig) -> list[RunConfig]:
+    """Expand `stages:` into one full RunConfig per stage (unset fields inherit from the top level)."""
+    out = []
+    for st in cfg.stages:
+        data = cfg.data
+        if isinstance(st.data, str):
+            data = cfg.data.model_copy(update={"train": st.data, "eval": None})
+        elif isinstance(st.data, DataConfig):
+            data = st.data
+        train_cfg = TrainConfig.model_validate({**cfg.train.model_dump(), **st.train})
+        margs = cfg.method_args.model_copy(update={**st.method_args, **({"beta": st.beta} if st.beta else {})})
+        out.append(cfg.model_copy(update={"method": st.method, "data": data, "train": train_cfg,
+                                          "method_args": margs, "stages": []}))
+    return out
+
+
+def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool = True) -> Run:
+    from ..data.load import load_data, write_rejects
+    from ..data.render import Renderer
+    from ..model.adapters import (apply_adapter, format_summary, load_adapter, optimizer_param_groups,
+                                  save_adapter, trainable_summary)
+    from ..model.load import load_model_and_tokenizer, model_identity
+
+    started = time.time()
+    rt = make_runtime(cfg.device, cfg.precision)
+    run = RunDir(run_path, rt.is_main)
+    run.write_config(cfg)
+    seed_everything(cfg.train.seed)
+    method = get_method(cfg.method, cfg.method_args)
+
+    train_ds, eval_ds = load_data(cfg.data, cfg.train.seed)
+    if train_ds.kind != method.example_kind:
+        raise TunesmithError(
+            f"method '{cfg.method}' trains on {method.example_kind} examples but the data in {cfg.data.train} "
+            f"is {train_ds.kind} ({train_ds.format} format)",
+            hint="use preference data (prompt/chosen/rejected) for dpo/ipo/orpo/simpo, labelled "
+                 "prompt/completion/label rows for kto, and conversations for sft")
+    if train_ds.rejected:
+        write_rejects(train_ds, run.path / "rejects.jsonl")
+        console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
+
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model, device=rt.device, precision=cfg.precision, dtype=base_dtype(cfg),
+        quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
+        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if cfg.adapter.from_adapter:
+        model = load_adapter(model, cfg.adapter.from_adapter, trainable=True)
+    else:
+        model = apply_adapter(model, cfg.adapter)
+    if cfg.train.grad_checkpointing:
+        from ..model.adapters import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    summary = trainable_summary(model)
+    if rt.is_main:
+        console.print(format_summary(summary))
+
+    renderer = Renderer(tokenizer, cfg.data.max_length, cfg.data.truncation, cfg.data.train_on,
+                        cfg.data.system_prompt)
+    items = [x for x in (method.render(renderer, ex) for ex in train_ds.examples) if x is not None]
+    train_stats = renderer.stats.as_dict()
+    eval_items = None
+    if eval_ds is not None:
+        eval_items = [x for x in (method.render(renderer, ex) for ex in eval_ds.examples) if x is not None]
+    _report_render(console, train_stats, cfg)
+
+    reference = None
+    if method.needs_reference:
+        from ..methods.reference import build_reference
+
+        reference = build_reference(model, method, items, eval_items, cfg, rt, tokenizer, run.path, console)
+
+    optimizer = _optimizer(model, cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(model, method, items, cfg.train, rt, pad_id, optimizer, eval_items=eval_items,
+                      reference=reference, pack_length=cfg.train.pack_length or cfg.data.max_length)
+    run.log({"event": "start", "total_steps": trainer.total_steps, "examples": len(items)}, truncate=True)
+    with TrainProgress(trainer.total_steps, console, enabled=progress and rt.is_main, label=cfg.method) as bar:
+        def on_record(record: dict) -> None:
+            run.log(record)
+            s = trainer.state
+            rate = s.tokens / s.elapsed if s.elapsed else 0.0
+            eta = s.elapsed / s.step * (trainer.total_steps - s.step) if s.step else 0.0
+            bar.update(record, rate, eta)
+
+        state = trainer.fit(on_record)
+    run.close()
+
+    if rt.is_main:
+        save_adapter(model, run.adapter)
+        tokenizer.save_pretrained(run.adapter)
+    info = {
+        "name": cfg.name, "method": cfg.method, "model": cfg.model, "adapter_kind": cfg.adapter.kind,
+        "base_model": model_identity(cfg.model, cfg.revision),
+        "data": {"train": cfg.data.train, "format": train_ds.format, "examples": len(train_ds.examples),
+                 "sha256": data_hash(train_ds.files), "render": train_stats,
+                 "eval_examples": len(eval_items or [])},
+        "trainable": summary, "state": state.as_dict(), "steps": trainer.total_steps,
+        "wall_time_s": round(time.time() - started, 2), "device": str(rt.device), "precision": rt.precision,
+        "final": state.history[-1] if state.history else {},
+    }
+    run.write_run_json(info)
+    return Run(run.path, cfg, state, info)
+
+
+def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    from ..model.adapters import optimizer_param_groups
+
+    groups = optimizer_param_groups(model, cfg.adapter, cfg.train.lr, cfg.train.weight_decay)
+    if cfg.train.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=cfg.train.lr)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
+    msg = f"rendered {stats['rendered']} examples"
+    if stats["truncated"]:
+        msg += f"; {stats['truncated']} longer than max_length={cfg.data.max_length} were truncated " \
+               f"({cfg.data.truncation})"
+    if stats["dropped"]:
+        msg += f"; {stats['dropped']} dropped (over max_length with truncation: drop, or nothing left to train)"
+    console.print(msg)
