@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 
 from .config import RunConfig, load_config, parse_config
+from .eval.run import EvalResult, evaluate
 from .train.recipe import Run
 
 
@@ -22,13 +23,15 @@ def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | Non
 
 
 def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
-          console: Console | None = None, progress: bool = True, evaluate: bool = True) -> Run:
+          console: Console | None = None, progress: bool = True, evaluate: bool = True,
+          resume: str | None = None) -> Run:
     """Train as the config says (a RunConfig, a dict, or a YAML path) and return the run. When the config has
-    an `eval:` section, the comparison eval runs at the end."""
+    an `eval:` section, the comparison eval runs at the end. `resume="auto"` continues from the newest complete
+    checkpoint of the run (or starts fresh when there is none); a checkpoint folder resumes from that one."""
     from .train.recipe import train as run_training
 
     cfg = _as_config(config, overrides)
-    run = run_training(cfg, console=console, progress=progress)
+    run = run_training(cfg, console=console, progress=progress, resume=resume)
     if evaluate and cfg.eval is not None:
         from .eval.run import evaluate_run
 
@@ -92,4 +95,5 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
 
 
-__all__ = ["ChatModel", "Run", "RunConfig", "load_config", "open_adapters", "open_model", "parse_config", "train"]
+__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "evaluate", "load_config", "open_adapters", "open_model",
+           "parse_config", "train"]

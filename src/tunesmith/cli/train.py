@@ -12,6 +12,8 @@ def register(sub) -> None:
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="leave out invalid data rows (written to rejects.jsonl) instead of stopping")
+    p.add_argument("--resume", metavar="auto|CHECKPOINT",
+                   help="continue an interrupted run: 'auto' = its newest complete checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-eval", action="store_true", help="skip the end-of-training comparison eval")
     p.set_defaults(handler=run)
@@ -22,6 +24,7 @@ def run(args, console: Console) -> int:
 
     overrides = list(args.overrides) + (["data.skip_invalid=true"] if args.skip_invalid else [])
     cfg = load_config(args.config, overrides)
-    result = train(cfg, console=console, progress=not args.no_progress, evaluate=not args.no_eval)
+    result = train(cfg, console=console, progress=not args.no_progress, evaluate=not args.no_eval,
+                   resume=args.resume)
     console.print(f"[green]done[/green]: adapter in {result.adapter}")
     return 0

@@ -61,6 +61,7 @@ class Trainer:
         self._orders: dict[int, list[list[int]]] = {}
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.stop_requested = False
+        self.stop_signal: int | None = None
 
     # ---- the plan: which examples form micro-batch k -------------------------------------------------
     def micro_batch(self, k: int) -> list[int]:

@@ -19,7 +19,7 @@ from ..errors import TunesmithError
 from ..methods import get_method
 from ..model.device import make_runtime
 from .loop import Trainer, TrainState
-from .progress import TrainProgress
+from .session import run_loop
 from .rundir import RunDir, data_hash
 
 
@@ -57,20 +57,29 @@ def base_dtype(cfg: RunConfig) -> str:
     return cfg.precision
 
 
-def train(cfg: RunConfig, console: Console | None = None, progress: bool = True) -> Run:
-    """Run a whole config: one stage, or each of `stages` in order."""
+def train(cfg: RunConfig, console: Console | None = None, progress: bool = True, resume: str | None = None) -> Run:
+    """Run a whole config: one stage, or each of `stages` in order. With `resume` ("auto" or a checkpoint
+    folder), finished stages are kept and the interrupted one continues from its newest complete checkpoint."""
     console = console or Console(stderr=True)
     if not cfg.stages:
-        return train_stage(cfg, cfg.run_dir, console, progress)
+        return train_stage(cfg, cfg.run_dir, console, progress, resume)
     runs: list[Run] = []
     from_adapter = cfg.adapter.from_adapter
     for i, stage_cfg in enumerate(stage_configs(cfg)):
-        if from_adapter:
+        if from_adapter and stage_cfg.adapter.kind == "full":
+            stage_cfg = stage_cfg.model_copy(update={"model": str(from_adapter)})  # a full checkpoint
+        elif from_adapter:
             stage_cfg = stage_cfg.model_copy(update={"adapter": stage_cfg.adapter.model_copy(
                 update={"from_adapter": str(from_adapter)})})
         name = cfg.stages[i].name or f"{i + 1}-{stage_cfg.method}"
         console.print(f"[bold]stage {i + 1}/{len(cfg.stages)}[/bold]: {name} ({stage_cfg.method})")
-        run = train_stage(stage_cfg, cfg.run_dir / "stages" / name, console, progress)
+        stage_dir = cfg.run_dir / "stages" / name
+        done = RunDir(stage_dir).read_run_json() if resume and stage_dir.exists() else {}
+        if done.get("complete"):
+            console.print(f"stage {name} already finished; reusing {stage_dir / 'adapter'}")
+            run = Run(stage_dir, stage_cfg, None, done)
+        else:
+            run = train_stage(stage_cfg, stage_dir, console, progress, resume)
         runs.append(run)
         from_adapter = run.adapter
     final = RunDir(cfg.run_dir)
@@ -99,7 +108,8 @@ def stage_configs(cfg: RunConfig) -> list[RunConfig]:
     return out
 
 
-def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool = True) -> Run:
+def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool = True,
+                resume: str | None = None) -> Run:
     from ..data.load import load_data, write_rejects
     from ..data.render import Renderer
     from ..model.adapters import (apply_adapter, format_summary, load_adapter, optimizer_param_groups,
@@ -148,6 +158,8 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
     if eval_ds is not None:
         eval_items = [x for x in (method.render(renderer, ex) for ex in eval_ds.examples) if x is not None]
     _report_render(console, train_stats, cfg)
+    if cfg.method == "kto":
+        items, eval_items = _kto_items(items, eval_items, cfg.train.micro_batch_size, console)
 
     reference = None
     if method.needs_reference:
@@ -159,17 +171,8 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model, method, items, cfg.train, rt, pad_id, optimizer, eval_items=eval_items,
                       reference=reference, pack_length=cfg.train.pack_length or cfg.data.max_length)
-    run.log({"event": "start", "total_steps": trainer.total_steps, "examples": len(items)}, truncate=True)
-    with TrainProgress(trainer.total_steps, console, enabled=progress and rt.is_main, label=cfg.method) as bar:
-        def on_record(record: dict) -> None:
-            run.log(record)
-            s = trainer.state
-            rate = s.tokens / s.elapsed if s.elapsed else 0.0
-            eta = s.elapsed / s.step * (trainer.total_steps - s.step) if s.step else 0.0
-            bar.update(record, rate, eta)
-
-        state = trainer.fit(on_record)
-    run.close()
+    extra = {"reference_key": getattr(reference, "key", None)}
+    state = run_loop(trainer, run, cfg, console, progress, resume, extra)
 
     if rt.is_main:
         save_adapter(model, run.adapter)
@@ -182,9 +185,16 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
                  "eval_examples": len(eval_items or [])},
         "trainable": summary, "state": state.as_dict(), "steps": trainer.total_steps,
         "wall_time_s": round(time.time() - started, 2), "device": str(rt.device), "precision": rt.precision,
-        "final": state.history[-1] if state.history else {},
+        "final": state.history[-1] if state.history else {}, "complete": True,
     }
+    if reference is not None:
+        info["reference"] = {"key": reference.key, "cache_hit": reference.cache_hit,
+                             "path": str(reference.path) if reference.path else None}
     run.write_run_json(info)
+    if rt.is_main:
+        from .report import write_run_report
+
+        write_run_report(run.path)
     return Run(run.path, cfg, state, info)
 
 
@@ -197,6 +207,20 @@ def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
         return bnb.optim.AdamW8bit(groups, lr=cfg.train.lr)
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _kto_items(items: list, eval_items: list | None, micro_batch_size: int, console: Console):
+    """KTO cannot score a micro-batch of one example; leave out a single example left over."""
+    from ..methods.preference import drop_lone_example
+
+    items, dropped = drop_lone_example(items, micro_batch_size, "training")
+    if eval_items:
+        eval_items, dropped_eval = drop_lone_example(eval_items, micro_batch_size, "eval")
+        dropped += dropped_eval
+    if dropped:
+        console.print(f"[yellow]kto: left out {dropped} example(s) that would have formed a micro-batch of one "
+                      f"(micro_batch_size={micro_batch_size})")
+    return items, eval_items
 
 
 def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:

@@ -1,0 +1,197 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a folder `checkpoints/step-000200/` holding only safetensors and JSON:
+  trainable.safetensors   every trainable parameter
+  optimizer.safetensors   AdamW moments (keyed by parameter name) + optimizer.json (hyper-parameters, steps)
+  rng.safetensors         torch CPU (and CUDA) generator states; rng.json: Python and NumPy states
+  state.json              step, tokens, metric history, reference-cache key
+  COMPLETE                written last, inside the temporary folder, before the atomic rename
+It is written to `checkpoints/.tmp-step-…` and renamed into place, so a crash at any moment leaves either the
+previous checkpoint set or the new one, never a half-written folder that resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import TunesmithError
+from .loop import Trainer, TrainState
+
+MARKER = "COMPLETE"
+ALLOWED = {"trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "rng.json",
+           "state.json", MARKER}
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+FORMAT = 1
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first. Partial (temporary) folders are ignored."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := STEP_DIR.match(p.name)) and (p / MARKER).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(root: Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save(trainer: Trainer, root: Path, extra: dict | None = None, keep_last: int | None = None) -> Path:
+    """Write a checkpoint of the trainer atomically; apply retention; return its folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{trainer.state.step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        _write(trainer, tmp, extra or {})
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": trainer.state.step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TunesmithError(f"could not write checkpoint {final}: {e.strerror or e}",
+                             "free disk space or fix permissions on the run folder; the previous checkpoint is "
+                             "intact and `--resume auto` will use it") from None
+    if keep_last:
+        retain(root, keep_last)
+    return final
+
+
+def retain(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (never the newest), and stale temp folders."""
+    dirs = checkpoint_dirs(root)
+    for old in dirs[: max(0, len(dirs) - max(1, keep_last))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for p in root.glob(".tmp-step-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid != str(os.getpid()):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write(trainer: Trainer, out: Path, extra: dict) -> None:
+    names = _trainable_names(trainer.model)
+    save_file({n: p.detach().contiguous().cpu() for n, p in names.items()}, str(out / "trainable.safetensors"))
+    tensors, meta = _optimizer_state(trainer.optimizer, names)
+    save_file(tensors, str(out / "optimizer.safetensors"))
+    (out / "optimizer.json").write_text(json.dumps(meta))
+    rng_tensors, rng_json = _rng_state()
+    save_file(rng_tensors, str(out / "rng.safetensors"))
+    (out / "rng.json").write_text(json.dumps(rng_json))
+    state = {"format": FORMAT, **trainer.state.as_dict(), "history": trainer.state.history, **extra}
+    (out / "state.json").write_text(json.dumps(state))
+
+
+def load(trainer: Trainer, path: Path) -> dict:
+    """Restore trainer (weights, optimizer, RNG, state) from a checkpoint folder; return its state.json."""
+    check_folder(path)
+    names = _trainable_names(trainer.model)
+    weights = load_file(str(path / "trainable.safetensors"))
+    if set(weights) != set(names):
+        missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
+        raise TunesmithError(f"checkpoint {path} does not match this run's trainable parameters "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+                             "resume with the same config the checkpoint was written with")
+    with torch.no_grad():
+        for n, p in names.items():
+            p.copy_(weights[n].to(p.device, p.dtype))
+    meta = json.loads((path / "optimizer.json").read_text())
+    _load_optimizer(trainer.optimizer, names, load_file(str(path / "optimizer.safetensors")), meta)
+    _set_rng(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
+    state = json.loads((path / "state.json").read_text())
+    trainer.state = TrainState(step=state["step"], tokens=state["tokens"], target_tokens=state["target_tokens"],
+                               skipped_nonfinite=state["skipped_nonfinite"], elapsed=state["elapsed"],
+                               history=list(state["history"]))
+    return state
+
+
+def check_folder(path: Path) -> None:
+    """A checkpoint holds only safetensors and JSON written by tunesmith; anything else (a pickle, a .pt/.bin
+    file) is refused before any file is read, so it can never execute."""
+    if not (path / MARKER).exists():
+        raise TunesmithError(f"{path} is not a complete tunesmith checkpoint (no {MARKER} marker)",
+                             "use --resume auto to pick the newest complete checkpoint")
+    strangers = sorted(p.name for p in path.iterdir() if p.name not in ALLOWED)
+    if strangers:
+        raise TunesmithError(f"checkpoint {path} contains files tunesmith never writes: {', '.join(strangers)}",
+                             "tunesmith checkpoints hold only safetensors and JSON; it refuses to load anything "
+                             "else (pickle files can run code). Remove the folder or resume from another one")
+
+
+def _trainable_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_state(opt: torch.optim.Optimizer, names: dict[str, torch.nn.Parameter]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    by_id = {id(p): n for n, p in names.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for p, st in opt.state.items():
+        name = by_id[id(p)]
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                tensors[f"{name}::{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(name, {})[k] = float(v) if isinstance(v, torch.Tensor) else v
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [by_id[id(p)] for p in g["params"]]}
+              for g in opt.param_groups]
+    return tensors, {"groups": groups, "scalars": scalars, "type": type(opt).__name__}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, names: dict[str, torch.nn.Parameter],
+                    tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    if meta.get("type") != type(opt).__name__ or len(meta["groups"]) != len(opt.param_groups):
+        raise TunesmithError("the checkpoint's optimizer does not match this run's",
+                             "resume with the same config the checkpoint was written with")
+    for group, saved in zip(opt.param_groups, meta["groups"]):
+        for k, v in saved.items():
+            if k != "params":
+                group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
+    opt.state.clear()
+    for name, p in names.items():
+        st: dict[str, Any] = {}
+        for k, v in meta["scalars"].get(name, {}).items():
+            st[k] = torch.tensor(v, dtype=torch.float32) if k == "step" else v
+        prefix = f"{name}::"
+        for key, t in tensors.items():
+            if key.startswith(prefix):
+                st[key[len(prefix):]] = t.to(p.device)
+        if st:
+            opt.state[p] = st
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(state), gauss],
+                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_rng(tensors: dict[str, torch.Tensor], js: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    version, state, gauss = js["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
