@@ -48,10 +48,29 @@ def _hub_error(spec: str, err: Exception) -> ModelLoadError:
                                "or use `model: default`")
 
 
+def _refuse_remote_code(spec, where, trust_remote_code: bool) -> None:
+    """A local model whose config maps to its own Python code is refused up front unless the user opted in."""
+    if trust_remote_code or not isinstance(where, Path):
+        return
+    try:
+        config = json.loads((where / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if config.get("auto_map"):
+        raise _remote_code_error(spec)
+
+
+def _remote_code_error(spec) -> ModelLoadError:
+    return ModelLoadError(f"model '{spec}' ships its own Python code, which tunesmith does not run by default",
+                          hint="if you trust its authors, set `trust_remote_code: true` in the config "
+                               "(or --set trust_remote_code=true)")
+
+
 def load_tokenizer(spec: str | None, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
     where = resolve(spec, trust_remote_code, revision)
+    _refuse_remote_code(spec, where, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, revision=revision,
                                              **_hub_kwargs(where))
@@ -94,9 +113,7 @@ def _hub_kwargs(where) -> dict:
 def _translate(spec, where, e: Exception) -> Exception:
     text = str(e)
     if "trust_remote_code" in text:
-        return ModelLoadError(f"model '{spec}' ships its own Python code, which tunesmith does not run by default",
-                              hint="if you trust its authors, set `trust_remote_code: true` in the config "
-                                   "(or --set trust_remote_code=true)")
+        return _remote_code_error(spec)
     if isinstance(where, str) and isinstance(e, (OSError, ValueError, ConnectionError)):
         return _hub_error(spec, e)
     if isinstance(e, ModelLoadError):
