@@ -367,12 +367,23 @@ def test_eval_split_of_one_prompt_is_a_clear_error(tmp_path):
         split_eval(load_examples(str(path)), 0.5, seed=0)
 
 
-def test_max_examples_keeps_the_first_rows_before_splitting(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", qa_rows(30))
-    train, held = load_data(DataConfig(train=str(path), max_examples=10), seed=0)
-    assert held is None and [e.source.line for e in train.examples] == list(range(1, 11))
-    train, held = load_data(DataConfig(train=str(path), max_examples=10, eval_split=0.2), seed=0)
-    assert len(train.examples) + len(held.examples) == 10 and len(held.examples) == 2
+def test_max_examples_is_a_seeded_sample_before_splitting(tmp_path):
+    """A file sorted by class (like banking77's train file) must not train on its first few classes only."""
+    rows = [{"prompt": f"question {c} {k}", "completion": f"class_{c}"} for c in range(10) for k in range(20)]
+    path = write_jsonl(tmp_path / "sorted.jsonl", rows)
+    train, held = load_data(DataConfig(train=str(path), max_examples=20), seed=0)
+    lines = [e.source.line for e in train.examples]
+    assert held is None and len(lines) == 20 and lines == sorted(lines) and len(set(lines)) == 20
+    assert len({e.messages[-1].content for e in train.examples}) >= 6  # first-20 would give 1 class
+    again, _ = load_data(DataConfig(train=str(path), max_examples=20), seed=0)
+    other, _ = load_data(DataConfig(train=str(path), max_examples=20), seed=1)
+    assert [e.source.line for e in again.examples] == lines
+    assert [e.source.line for e in other.examples] != lines
+    everything, _ = load_data(DataConfig(train=str(path), max_examples=500), seed=0)
+    assert [e.source.line for e in everything.examples] == list(range(1, 201))
+    train, held = load_data(DataConfig(train=str(path), max_examples=20, eval_split=0.2), seed=0)
+    assert len(train.examples) + len(held.examples) == 20 and len(held.examples) == 4
+    assert {e.source.line for e in train.examples + held.examples} == set(lines)
 
 
 def test_eval_file_and_kind_mismatch():

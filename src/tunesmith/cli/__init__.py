@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..errors import TunesmithError
 
-COMMAND_MODULES = ("train", "infer")
+COMMAND_MODULES = ("train", "infer", "data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # no hard wraps: keep file:line messages whole in logs
     if args.version:
         from .. import __version__
 
@@ -41,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args, console) or 0)
     except TunesmithError as e:
-        console.print(f"[bold red]error:[/bold red] {e.message}", highlight=False, markup=True)
+        from rich.markup import escape  # messages quote user text, e.g. "[/INST]", which is not markup
+
+        console.print(f"[bold red]error:[/bold red] {escape(e.message)}", highlight=False, markup=True)
         if e.hint:
-            console.print(f"[yellow]hint:[/yellow] {e.hint}", highlight=False)
+            console.print(f"[yellow]hint:[/yellow] {escape(e.hint)}", highlight=False)
         return e.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import Problem
+from ..errors import Problem, TunesmithError
 from . import dedup
 from .formats import messages_text, prompt_messages, target_messages
 from .load import RowProblem, parse_rows
@@ -121,7 +121,7 @@ class Report:
 
 def check_data(spec: str | list[str], tokenizer=None, max_length: int = 1024, eval_spec: str | list[str] | None = None,
                format: str = "auto", columns: dict[str, str] | None = None,
-               system_prompt: str | None = None, truncation: str = "right") -> Report:
+               system_prompt: str | None = None, truncation: str = "right", train_on: str = "all_assistant") -> Report:
     """Load `spec` (and `eval_spec`) leniently and report what is wrong or suspicious about it."""
     parsed = _parse(spec, format, columns)
     examples = parsed.examples
@@ -129,7 +129,7 @@ def check_data(spec: str | list[str], tokenizer=None, max_length: int = 1024, ev
                     parsed.format, parsed.kind, parsed.rows, len(examples), len(parsed.problems), max_length)
     report.findings += _invalid_findings(parsed.problems, parsed.mixed)
     if tokenizer is not None and examples:
-        report.lengths, over = _lengths(examples, tokenizer, max_length, system_prompt, truncation)
+        report.lengths, over = _lengths(examples, tokenizer, max_length, system_prompt, truncation, train_on)
         report.findings += over
     report.findings += _duplicate_findings(examples)
     if parsed.kind == "sft":
@@ -188,13 +188,18 @@ def _invalid_findings(problems: list[RowProblem], mixed: Problem | None) -> list
 
 
 def _lengths(examples: Sequence[Example], tokenizer, max_length: int, system_prompt: str | None,
-             truncation: str = "right") -> tuple[LengthStats, list[Finding]]:
+             truncation: str = "right", train_on: str = "all_assistant") -> tuple[LengthStats, list[Finding]]:
     from .render import IGNORE, Renderer  # lazy: pulls in the tokenizer stack
 
-    renderer = Renderer(tokenizer, max_length=10**9, system_prompt=system_prompt)
+    renderer = Renderer(tokenizer, max_length=10**9, train_on=train_on, system_prompt=system_prompt)
     lengths, over, lost = [], [], []
+    failed: dict[tuple[str, str | None], list[str]] = {}
     for ex in examples:
-        sides = _render(renderer, ex)
+        try:
+            sides = _render(renderer, ex)
+        except TunesmithError as e:  # the chat template cannot render this example: report, keep checking
+            failed.setdefault((e.message, e.hint), []).append(_where(ex))
+            continue
         if not sides:
             lost.append(f"{_where(ex)}: renders no trained tokens")
             continue
@@ -205,7 +210,8 @@ def _lengths(examples: Sequence[Example], tokenizer, max_length: int, system_pro
             kept = (lambda t: t.labels[:max_length]) if truncation == "right" else (lambda t: t.labels[-max_length:])
             if truncation != "drop" and any(all(x == IGNORE for x in kept(t)) for t in sides):
                 lost.append(f"{_where(ex)}: no trained token within the {truncation}-truncated {max_length}")
-    findings = []
+    findings = [_finding("error", "template", f"{len(rows)} example(s) cannot be rendered: {message}", rows, hint)
+                for (message, hint), rows in failed.items()]
     fate = {"right": "lose their end", "left": "lose their beginning", "drop": "be dropped"}[truncation]
     if over:
         findings.append(_finding("warning", "too_long", f"{len(over)} example(s) longer than max_length "

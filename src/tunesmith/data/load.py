@@ -127,12 +127,12 @@ def load_examples(spec: str | list[str], format: str = "auto", columns: dict[str
 def load_data(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset | None]:
     """The training set and the eval set (cfg.eval, or a seeded cfg.eval_split fraction of the train rows).
 
-    max_examples keeps the first N valid examples in file order, before any eval split."""
+    max_examples keeps a random sample of N valid examples chosen by `seed`, before any eval split."""
     if cfg.train is None:
         raise TunesmithError("no training data given", "set data.train to a file, folder or hub dataset id")
     train = read_dataset(cfg.train, cfg.format, cfg.columns, cfg.split, cfg.skip_invalid)
     if cfg.max_examples is not None:
-        train.examples = train.examples[: cfg.max_examples]
+        train.examples = sample_examples(train.examples, cfg.max_examples, seed)
     if cfg.eval is not None:
         held_out = read_dataset(cfg.eval, cfg.format, cfg.columns, "test", cfg.skip_invalid)
         if held_out.kind != train.kind:
@@ -142,6 +142,15 @@ def load_data(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset | None]:
     if cfg.eval_split > 0:
         return split_eval(train, cfg.eval_split, seed)
     return train, None
+
+
+def sample_examples(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """A seeded random sample of n examples, kept in file order. Files are often sorted (by class, by source),
+    so the first n rows would be a biased subset."""
+    if n >= len(examples):
+        return list(examples)
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in chosen]
 
 
 def split_eval(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

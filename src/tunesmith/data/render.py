@@ -2,9 +2,11 @@
 
 The tokenizer's own chat template renders every example, so training sees exactly what serving will send.
 Which tokens are trained is derived without `{% generation %}` markers: for each assistant turn the
-conversation is rendered up to the turn (with the generation prompt) and through the turn; the first must be a
-token prefix of the second, and the difference is that turn's tokens. Of those, the content and the turn's
-end-of-turn token are trained; what a template prints after the end-of-turn token (a newline) is not.
+conversation is rendered up to the turn (with the generation prompt) and through the turn. The first must be a
+token prefix of the whole conversation; the turn's tokens follow it, up to and including the first end-of-turn
+token. What a template prints after that token (a newline, Phi-3's closing EOS) is not trained. Rendering through
+the turn must agree with the whole conversation at least up to that token, so a template that renders a turn
+differently once later turns follow (e.g. one that strips reasoning from earlier turns) is reported, not guessed.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ def ensure_chat_template(tokenizer) -> bool:
     """Give a tokenizer without a chat template tunesmith's documented default. Returns True if it did."""
     if getattr(tokenizer, "chat_template", None):
         return False
+    if tokenizer.eos_token is None:
+        raise TunesmithError("the tokenizer has no chat template and no EOS token, so a fine-tuned model could "
+                             "not learn where its answer ends",
+                             hint="use a model whose tokenizer has an EOS token, or set tokenizer.chat_template")
     warnings.warn("the tokenizer has no chat template; using tunesmith's default '### User / ### Assistant' "
                   "template (docs/data.md). Serve the model with the same template.", stacklevel=2)
     tokenizer.chat_template = DEFAULT_TEMPLATE
@@ -81,12 +87,14 @@ def ensure_chat_template(tokenizer) -> bool:
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:
-    """Token ids that close an assistant turn: EOS plus the known end-of-turn specials in this vocabulary."""
+    """Token ids that close an assistant turn: EOS plus the known end-of-turn tokens this tokenizer treats as
+    special. Llama-3's `<|eot_id|>` or Phi-3's `<|end|>` are often special added tokens without being listed
+    among the named special tokens, so the added-token table is consulted too."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    special = set(tokenizer.all_special_tokens or [])
+    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
     vocab = tokenizer.get_vocab()
-    for tok in END_OF_TURN_TOKENS:
-        if tok in vocab and tok in (tokenizer.all_special_tokens or []) + [tokenizer.eos_token]:
-            ids.add(vocab[tok])
+    ids |= {vocab[tok] for tok in END_OF_TURN_TOKENS if tok in vocab and tok in special}
     return ids
 
 
@@ -152,21 +160,41 @@ class Renderer:
         full = self._ids(self._text(messages, generation_prompt=False))
         labels = [IGNORE] * len(full)
         for i in trained:
-            before = self._ids(self._text(messages[:i], generation_prompt=True))
-            through = self._ids(self._text(messages[: i + 1], generation_prompt=False))
-            if full[: len(before)] != before or full[: len(through)] != through or len(through) < len(before):
-                raise TunesmithError(
-                    f"the chat template of {self._template_name()} is not prefix-consistent: rendering the "
-                    f"conversation up to message {i} does not give a token prefix of the whole conversation, "
-                    "so tunesmith cannot tell which tokens belong to the assistant",
-                    hint="use a template whose rendering of a conversation's first turns is a prefix of the "
-                         "whole (most chat templates are), or set data.train_on: last_assistant")
-            segment = range(len(before), len(through))
-            end = max((j for j in segment if full[j] in self.eot_ids), default=None)
-            stop = end + 1 if end is not None else len(through)
-            for j in range(len(before), stop):
-                labels[j] = full[j]
+            start, stop = self._turn_span(messages, i, full)
+            labels[start:stop] = full[start:stop]
         return full, labels
+
+    def _turn_span(self, messages: tuple[Message, ...], i: int, full: list[int]) -> tuple[int, int]:
+        """[start, stop) of assistant message i's trained tokens in `full`: from the end of the generation
+        prompt through the turn's first end-of-turn token."""
+        before = self._ids(self._text(messages[:i], generation_prompt=True))
+        through = self._ids(self._text(messages[: i + 1], generation_prompt=False))
+        agree = common_prefix_length(through, full)
+        start = len(before)
+        if full[:start] != before or agree < start:
+            raise self._inconsistent(i, before, full)
+        end = next((j for j in range(start, agree) if full[j] in self.eot_ids), None)
+        if end is not None:
+            stop = end + 1
+        elif agree == len(through):  # a template without an end-of-turn token: the whole turn
+            stop = agree
+        else:
+            raise self._inconsistent(i, through, full)
+        if stop <= start:
+            raise TunesmithError(f"the chat template of {self._template_name()} renders no tokens for "
+                                 f"messages[{i}] (assistant)", hint="check that the template prints assistant turns")
+        return start, stop
+
+    def _inconsistent(self, i: int, part: list[int], full: list[int]) -> TunesmithError:
+        at = common_prefix_length(part, full)
+        shown = (f"the rendering up to it continues {self.tok.decode(part[at:at + 12])!r} where the whole "
+                 f"conversation has {self.tok.decode(full[at:at + 12])!r}")
+        return TunesmithError(
+            f"the chat template of {self._template_name()} is not prefix-consistent at messages[{i}] (assistant): "
+            f"{shown}. The template renders earlier turns differently once later turns follow, so tunesmith "
+            "cannot tell which tokens belong to each assistant turn",
+            hint="set data.train_on: last_assistant (only the final turn is trained), or use a template whose "
+                 "rendering of a conversation's first turns is a prefix of the whole (most chat templates are)")
 
     def _finish(self, ids: list[int], labels: list[int], source: Source | None, count: bool = True):
         if count:
@@ -198,13 +226,26 @@ class Renderer:
         if self._fold_system:
             dicts = fold_system(dicts)
         try:
-            return self.tok.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generation_prompt)
+            return self._apply(dicts, generation_prompt)
         except Exception as e:  # noqa: BLE001 - jinja raises from the template itself
-            if not self._fold_system and dicts and dicts[0]["role"] == "system" and "system" in str(e).lower():
-                self._fold_system = True  # Gemma-style templates have no system role
-                return self._text(messages, generation_prompt)
-            raise TunesmithError(f"the chat template of {self._template_name()} failed to render: {e}",
-                                 hint="check the roles and their order in your data (docs/data.md)") from None
+            error = e
+        if self._fold_system or not dicts or dicts[0]["role"] != "system":
+            raise self._render_error(error)
+        try:  # templates without a system role (Gemma, Mistral) raise on one; retry with it folded in
+            text = self._apply(fold_system(dicts), generation_prompt)
+        except Exception:  # noqa: BLE001
+            raise self._render_error(error) from None
+        self._fold_system = True
+        warnings.warn(f"the chat template of {self._template_name()} has no system role; the system message is "
+                      "put at the start of the first user message", stacklevel=2)
+        return text
+
+    def _apply(self, dicts: list[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _render_error(self, error: Exception) -> TunesmithError:
+        return TunesmithError(f"the chat template of {self._template_name()} failed to render: {error}",
+                              hint="check the roles and their order in your data (docs/data.md)")
 
     def _ids(self, text: str) -> list[int]:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -224,6 +265,11 @@ class Renderer:
 
     def _template_name(self) -> str:
         return f"tokenizer '{getattr(self.tok, 'name_or_path', '?') or '?'}'"
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
 
 
 def fold_system(messages: list[dict]) -> list[dict]:
