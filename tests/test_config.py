@@ -67,3 +67,12 @@ def test_shipped_example_configs_validate(path):
 
 def test_examples_exist():
     assert EXAMPLES, "no example configs found"
+
+
+def test_every_config_key_is_documented():
+    from tunesmith.config import AdapterConfig, DataConfig, EvalConfig, MethodConfig, RunConfig, TrainConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    for section in (RunConfig, DataConfig, AdapterConfig, MethodConfig, TrainConfig, EvalConfig):
+        for key in section.model_fields:
+            assert f"`{key}`" in doc, f"{section.__name__}.{key} is not in docs/config.md"

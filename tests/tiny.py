@@ -62,7 +62,7 @@ def build_model(out_dir: str | Path | None = None, vocab_size: int = 512, hidden
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=2, pad_token_id=2,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=2, pad_token_id=None,
         attn_implementation="sdpa", initializer_range=0.1,
     )
     model = LlamaForCausalLM(cfg)

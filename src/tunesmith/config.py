@@ -53,7 +53,8 @@ class AdapterConfig(Section):
 
 
 class MethodConfig(Section):
-    beta: float = Field(0.1, gt=0)
+    # None: the method's own default (SimPO 2.0, DPO/IPO/KTO 0.1; ORPO uses orpo_lambda instead)
+    beta: float | None = Field(None, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     orpo_lambda: float = Field(0.1, gt=0)
     simpo_gamma: float = Field(0.5, ge=0)
@@ -82,7 +83,6 @@ class TrainConfig(Section):
     compile: bool = False
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     eval_every: int | None = Field(None, ge=1)
-    log_every: int = Field(1, ge=1)
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
     skip_nonfinite: int = Field(0, ge=0)
@@ -178,10 +178,42 @@ def cross_check(cfg: RunConfig) -> list[Problem]:
         unknown = set(st.train) - set(TrainConfig.model_fields)
         for k in sorted(unknown):
             p.append(Problem(f"stages[{i}].train.{k}", "unknown key", _suggest(k, TrainConfig.model_fields)))
+    p += method_problems(cfg)
     p += adapter_problems(a)
     if cfg.eval is not None and cfg.eval.data is None and cfg.data.eval is None and cfg.data.eval_split == 0:
         p.append(Problem("eval.data", "an eval section needs held-out data",
                          "set eval.data, data.eval or data.eval_split"))
+    return p
+
+
+SMOOTHED_METHODS = {"dpo", "simpo"}
+
+
+def method_problems(cfg: RunConfig) -> list[Problem]:
+    """Method settings that the chosen method(s) cannot use: KTO's micro-batch, unused beta / smoothing."""
+    p: list[Problem] = []
+    runs = [("", cfg.method, cfg.train.micro_batch_size, cfg.method_args.beta, cfg.method_args.model_dump())]
+    if cfg.stages:
+        runs = []
+        for i, st in enumerate(cfg.stages):
+            # only what the stage itself sets: top-level method_args may be meant for another stage
+            beta = st.beta if st.beta is not None else st.method_args.get("beta")
+            mbs = st.train.get("micro_batch_size", cfg.train.micro_batch_size)
+            runs.append((f"stages[{i}].", st.method, mbs, beta, st.method_args))
+            for k in sorted(set(st.method_args) - set(MethodConfig.model_fields)):
+                p.append(Problem(f"stages[{i}].method_args.{k}", "unknown key", _suggest(k, MethodConfig.model_fields)))
+    for at, method, mbs, beta, margs in runs:
+        if method == "kto" and isinstance(mbs, int) and mbs < 2:
+            p.append(Problem(f"{at}train.micro_batch_size", "KTO needs at least 2 examples per micro-batch: its "
+                             "KL reference point pairs each prompt with another example's completion",
+                             "set train.micro_batch_size: 2 or more"))
+        if method == "orpo" and beta is not None:
+            p.append(Problem(f"{at}method_args.beta" if at == "" else f"{at}beta", "ORPO has no beta",
+                             "ORPO's weight is method_args.orpo_lambda; remove beta"))
+        smoothing = margs.get("label_smoothing") or 0
+        if smoothing and method not in SMOOTHED_METHODS:
+            p.append(Problem(f"{at}method_args.label_smoothing", f"label_smoothing does not apply to {method}",
+                             "it is used by dpo (conservative DPO) and simpo; remove it"))
     return p
 
 
