@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..errors import TunesmithError
 
-COMMAND_MODULES = ("train", "infer", "data")
+COMMAND_MODULES = ("train", "infer", "data", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,33 @@
 """Batched generation with exactly the chat template and stop tokens serving uses: left padding, greedy by
-default, KV cache (transformers' generate)."""
+default, KV cache (transformers' generate).
+
+Prompts of one batch usually share a long prefix (system message, few-shot examples). That prefix is run
+once, its KV cache copied to every row, and each row continues after it: rows are laid out as
+[shared prefix][padding][own suffix] with the padding masked out, so every token keeps the position and the
+context it has in the unpadded prompt. It is the same computation as plain left padding (identical tokens in
+fp32); in bf16/fp16 the different matrix shapes round differently, which can change a greedy pick, just as
+changing the batch size can."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 
 from ..data.render import Renderer, end_of_turn_ids
 from ..data.types import Message
+
+MIN_SHARED_PREFIX = 16  # shorter shared prefixes are not worth a separate forward pass
+
+
+def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each sequence to run in the batch."""
+    shortest = min(len(x) for x in ids)
+    n = 0
+    while n < shortest - 1 and all(x[n] == ids[0][n] for x in ids):
+        n += 1
+    return n
 
 
 class Generator:
@@ -23,6 +42,7 @@ class Generator:
         self.renderer = Renderer(tokenizer, max_length=1 << 30, system_prompt=system_prompt)
         self.stop_ids = sorted(end_of_turn_ids(tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.share_prefix = True  # run a batch's common prompt prefix once (see the module docstring)
 
     def prompt_ids(self, messages: Sequence[Message | dict]) -> list[int]:
         return self.renderer.prompt_ids(messages)
@@ -43,22 +63,62 @@ class Generator:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         for k in range(0, len(order), self.batch_size):
             chunk = order[k:k + self.batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[r, width - len(ids[i]):] = 1
             kwargs = dict(max_new_tokens=max_new_tokens or self.max_new_tokens, eos_token_id=self.stop_ids,
                           pad_token_id=self.pad_id, do_sample=temperature > 0)
             if temperature > 0:
                 torch.manual_seed(seed + k)
                 kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
+            rows = [list(ids[i]) for i in chunk]
+            shared = shared_prefix_length(rows) if self.share_prefix else 0
+            shared = shared if shared >= MIN_SHARED_PREFIX else 0
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                gen = self.model.generate(input_ids=input_ids.to(self.device),
-                                          attention_mask=mask.to(self.device), **kwargs)
+                cache = self._prefix_cache(rows[0][:shared], len(rows)) if shared else None
+                if cache is not None:
+                    kwargs[self._cache_arg] = cache
+                else:
+                    shared = 0
+                input_ids, mask = self._layout(rows, shared)
+                gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                          **kwargs)
+            width = input_ids.shape[1]
             for r, i in enumerate(chunk):
                 new = gen[r, width:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in self.stop_ids), len(new))
                 out[i] = self.tok.decode(new[:cut], skip_special_tokens=True)
         return out
+
+    def _layout(self, rows: list[list[int]], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[shared prefix][padding][suffix] per row (plain left padding when shared == 0) and its mask."""
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            suffix = row[shared:]
+            input_ids[r, :shared] = torch.tensor(row[:shared], dtype=torch.long)
+            mask[r, :shared] = 1
+            input_ids[r, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+            mask[r, width - len(suffix):] = 1
+        return input_ids, mask
+
+    def _prefix_cache(self, prefix: list[int], rows: int):
+        """The KV cache of `prefix` (run once, with the active adapter) repeated for `rows` rows; None for
+        models whose cache cannot be repeated (then the batch runs without sharing)."""
+        from ..methods.logps import unwrap
+
+        accepts = inspect.signature(unwrap(self.model).forward).parameters
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, **extra)
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    @property
+    def _cache_arg(self) -> str:
+        """Later transformers 5.x releases renamed `past_key_values` to `cache` (the old name warns)."""
+        from ..methods.logps import unwrap
+
+        names = inspect.signature(unwrap(self.model).forward).parameters
+        return "cache" if "cache" in names else "past_key_values"
