@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes announces on import that it cannot fetch an optional CPU kernel from a model hub; tunesmith never
+# asks for it (and offline machines cannot fetch it), so the message is noise for our users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .api import (  # noqa: E402
     ChatModel,
