@@ -31,7 +31,7 @@ DEFAULT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
 )
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>",
                       "<|end_of_text|>", "<|END_OF_TURN_TOKEN|>")
 
 

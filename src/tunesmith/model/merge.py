@@ -20,8 +20,6 @@ from ..errors import TunesmithError
 from .quantize import clear_quantization_marks, dequantize_4bit_layers, has_4bit_layers
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
-                      "<|end_of_text|>", "</s>")
 SAMPLE_CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"},
      {"role": "assistant", "content": "Paris is the capital of France."}],
@@ -119,16 +117,12 @@ def check_merge_parity(adapter_model: nn.Module | torch.Tensor, merged_model: nn
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """The eos id plus every known end-of-turn token that the chat template emits."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
-    vocab = tokenizer.get_vocab()
-    for token in END_OF_TURN_TOKENS:
-        if token in template and token in vocab and vocab[token] not in ids:
-            ids.append(int(vocab[token]))
-    return ids
+    """The ids that end a reply (as training rendered them), EOS first: generation_config lists them all."""
+    from ..data.render import end_of_turn_ids as turn_enders
+
+    ids = turn_enders(tokenizer)
+    eos = tokenizer.eos_token_id
+    return ([int(eos)] if eos is not None else []) + sorted(int(i) for i in ids if i != eos)
 
 
 def _generation_config(model: nn.Module, tokenizer):
