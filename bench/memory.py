@@ -4,7 +4,7 @@ Each variant runs in a fresh subprocess (so peaks do not leak between variants):
 adapter, run a few AdamW steps on random tokens under bf16 autocast, report peak RSS and the median step
 time. Prints a table and rewrites the `## Memory` section of docs/BENCHMARKS.md.
 
-    nice python bench/memory.py [--steps 3] [--batch 4] [--seq 128] [--no-write]
+    nice python bench/memory.py [--steps 3] [--batch 4] [--seq 128] [--threads 1] [--no-write]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -61,7 +62,7 @@ def _hwm_mib() -> float:
     return float("nan")
 
 
-def child(kind: str, steps: int, batch: int, seq: int) -> dict:
+def child(kind: str, steps: int, batch: int, seq: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -71,6 +72,7 @@ def child(kind: str, steps: int, batch: int, seq: int) -> dict:
     from tunesmith.model.quantize import base_footprint_bytes, keep_4bit_layout, nf4_config
 
     torch.manual_seed(0)
+    torch.set_num_threads(threads)
     after_imports = _rss_mib()
     path = default_model_dir()
     if kind == "qlora":
@@ -81,16 +83,19 @@ def child(kind: str, steps: int, batch: int, seq: int) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if kind == "full" else torch.bfloat16)
     cfg = AdapterConfig(kind=kind)
     model = apply_adapter(model, cfg)
+    with torch.no_grad():  # page in weights that loading left memory-mapped, so RSS counts them
+        for p in model.parameters():
+            p.view(-1)[::1024].sum()
     load_peak = _peak_mib()
     reset = _release_and_reset_peak()
     after_load = _rss_mib()
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg, lr=1e-5, weight_decay=0.0))
     vocab = model.get_input_embeddings().weight.shape[0]
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     model.train()
     for step in range(steps + 1):  # step 0 warms up (allocator, kernels) and is not timed
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(step))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -98,6 +103,7 @@ def child(kind: str, steps: int, batch: int, seq: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if step:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         losses.append(loss.item())
     summary = trainable_summary(model)
     train_peak = _hwm_mib() if reset else _peak_mib()
@@ -105,12 +111,13 @@ def child(kind: str, steps: int, batch: int, seq: int) -> dict:
             "rss_after_imports_mib": round(after_imports),
             "rss_after_load_mib": round(after_load), "base_mib": round(base_footprint_bytes(model) / 2**20, 1),
             "trainable": summary["trainable"], "median_step_s": round(statistics.median(times), 2),
-            "losses_finite": all(l == l and abs(l) != float("inf") for l in losses)}
+            "median_step_cpu_s": round(statistics.median(cpu_times), 2),
+            "losses_finite": all(math.isfinite(x) for x in losses)}
 
 
 def run_variant(kind: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps), "--batch", str(args.batch),
-           "--seq", str(args.seq)]
+           "--seq", str(args.seq), "--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -129,12 +136,12 @@ def machine() -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| variant | setup | trainable params | base weights MiB | RSS after load MiB "
-             "| peak RSS training MiB | peak RSS loading MiB | median step s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| peak RSS training MiB | peak RSS loading MiB | median step s (wall) | median step CPU s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {SETUP[r['kind']]} | {r['trainable']:,} | {r['base_mib']} "
                      f"| {r['rss_after_load_mib']:,} | {r['train_peak_mib']:,} | {r['load_peak_mib']:,} "
-                     f"| {r['median_step_s']} |")
+                     f"| {r['median_step_s']} | {r['median_step_cpu_s']} |")
     return "\n".join(lines)
 
 
@@ -156,11 +163,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 keeps CPU times honest on a shared machine")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch, args.seq)))
+        print(json.dumps(child(args.child, args.steps, args.batch, args.seq, args.threads)))
         return
     rows = []
     for kind in args.variants:
@@ -173,8 +182,11 @@ def main() -> None:
         f"AdamW, median of {args.steps} steps after one warm-up step; each variant in a fresh process "
         f"(`nice python bench/memory.py`). Adapters: r=16, alpha=32, all linear layers.",
         "",
-        f"Measured {dt.date.today().isoformat()} on {machine()}; torch {torch.__version__}. Peak RSS includes "
-        f"the Python process itself (~{rows[0]['rss_after_imports_mib']} MiB after imports).",
+        f"Measured {dt.date.today().isoformat()} on {machine()}; torch {torch.__version__}, {args.threads} torch "
+        f"thread(s). Peak RSS includes "
+        f"the Python process itself (~{rows[0]['rss_after_imports_mib']} MiB after imports); the training peak "
+        f"is measured after loading (peak counter reset), the loading peak separately. The machine is shared, "
+        f"so wall-clock step times are noisy; process CPU seconds per step are the steadier comparison.",
         "",
         table(rows),
     ])
