@@ -99,7 +99,11 @@ def load_model_and_tokenizer(spec: str | None = "default", *, device: str | torc
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise _translate(spec, where, e) from None
-    if not quantize_nf4:
+    if quantize_nf4:
+        from .quantize import keep_4bit_layout
+
+        keep_4bit_layout(model)  # before any forward: see quantize.keep_4bit_layout
+    else:
         model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
