@@ -198,27 +198,58 @@ def test_kto_drops_a_lone_example_and_runs_every_batch(tiny_dir, tmp_path):
     assert math.isfinite(steps(run)[-1]["eval_loss"]) and "eval_kl" in steps(run)[-1]
 
 
-def test_adapter_training_leaves_base_bit_identical_and_changes_every_adapter_tensor(tiny_dir, tmp_path, pairs):
-    from transformers import AutoModelForCausalLM
-
+def _setup(tiny_dir, tmp_path, method_name, data_file, **train):
+    """What the recipe does before the loop, by hand: model + fresh LoRA, rendered items, reference."""
     from tunesmith.config import RunConfig
     from tunesmith.data.load import load_data
     from tunesmith.data.render import Renderer
     from tunesmith.methods.reference import build_reference
-    from tunesmith.model.adapters import apply_adapter, optimizer_param_groups
+    from tunesmith.model.adapters import apply_adapter
     from tunesmith.model.device import make_runtime
     from tunesmith.model.load import load_model_and_tokenizer
-    from tunesmith.train.loop import Trainer
 
-    cfg = RunConfig.model_validate(run_config(tiny_dir, tmp_path / "runs", "dpo", pairs))
+    cfg = RunConfig.model_validate(run_config(tiny_dir, tmp_path / "runs", method_name, data_file, train=train))
     rt = make_runtime("cpu", "fp32")
     model, tok = load_model_and_tokenizer(str(tiny_dir), device="cpu", precision="fp32", dtype="fp32")
     model = apply_adapter(model, cfg.adapter)
+    method = get_method(method_name, cfg.method_args)
+    items = [method.render(Renderer(tok, 64), ex) for ex in load_data(cfg.data, 0)[0].examples]
+    if method_name == "kto":
+        items = drop_lone_example(items, cfg.train.micro_batch_size)[0]  # as the recipe does
+    reference = build_reference(model, method, items, None, cfg, rt, tok, tmp_path, quiet()[0])
+    return cfg, rt, model, method, items, reference
+
+
+def test_kto_reference_equals_the_policy_before_training_for_every_planned_batch(tiny_dir, tmp_path):
+    """Every completion and every mismatched sequence of every micro-batch the run will form: the cached
+    reference equals the step-0 policy's log-probs, in the batch's sequence order."""
+    from tunesmith.methods.logps import sequence_logps
+
+    data = write_jsonl(tmp_path / "kto.jsonl", kto_rows())
+    cfg, rt, model, method, items, reference = _setup(tiny_dir, tmp_path, "kto", data, micro_batch_size=3,
+                                                      max_steps=4, grad_accum=2)
+    model.train()
+    plan = planned_micro_batches(items, method, cfg.train)
+    assert len(plan) > 6  # more than one epoch: different pairings per epoch
+    for indices in plan:
+        batch = method.collate([items[i] for i in indices], 2, 64)
+        with torch.no_grad():
+            policy = sequence_logps(model, batch)
+        ref = reference(indices, batch)
+        assert ref.logp_sum.shape == (2 * len(indices),)
+        torch.testing.assert_close(ref.logp_sum, policy.logp_sum, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ref.n_tokens, policy.n_tokens)
+
+
+def test_adapter_training_leaves_base_bit_identical_and_changes_every_adapter_tensor(tiny_dir, tmp_path, pairs):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.model.adapters import optimizer_param_groups
+    from tunesmith.train.loop import Trainer
+
+    cfg, rt, model, method, items, reference = _setup(tiny_dir, tmp_path, "dpo", pairs)
     base_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" not in k}
     lora_before = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
-    method = get_method("dpo", cfg.method_args)
-    items = [method.render(Renderer(tok, 64), ex) for ex in load_data(cfg.data, 0)[0].examples]
-    reference = build_reference(model, method, items, None, cfg, rt, tok, tmp_path, quiet()[0])
     groups = optimizer_param_groups(model, cfg.adapter, 3e-3, 0.0)
     trainer = Trainer(model, method, items, cfg.train.model_copy(update={"max_steps": 4}), rt, 2,
                       torch.optim.AdamW(groups, lr=3e-3), reference=reference, pack_length=64)

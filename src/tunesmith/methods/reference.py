@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import torch
 
 from ..data.batching import Batch, batch_order, collate
 from ..data.render import IGNORE, Tokenized
-from ..errors import TunesmithError
+from ..errors import TrainingAborted, TunesmithError
 from .logps import SeqLogps, sequence_logps
 
 CACHE_FORMAT = 1
@@ -60,13 +60,16 @@ class Table:
 class Reference:
     """ReferenceFn: (item indices of a micro-batch, its batch) -> the reference SeqLogps in batch order."""
 
-    def __init__(self, method: Any, tables: dict[str, Table], key: str, cache_hit: bool, path: Path | None):
-        self.method, self.tables, self.key, self.cache_hit, self.path = method, tables, key, cache_hit, path
-        self._model_training: Callable[[], bool] | None = None
+    def __init__(self, model: torch.nn.Module, method: Any, tables: dict[str, Table], key: str, cache_hit: bool,
+                 path: Path | None):
+        self.model, self.method, self.tables = model, method, tables
+        self.key, self.cache_hit, self.path = key, cache_hit, path
 
     def __call__(self, indices: Sequence[int], batch: Batch) -> SeqLogps:
+        """The loop trains in train mode and evaluates in eval mode, which tells whether `indices` point into
+        the train or the eval items; the token counts of the batch confirm it."""
         counts = _target_counts(batch)
-        names = ["train", "eval"] if self._training() else ["eval", "train"]
+        names = ["train", "eval"] if self.model.training else ["eval", "train"]
         for name in names:
             out = self._lookup(name, list(indices))
             if out is not None and torch.equal(out.n_tokens, counts):
@@ -74,9 +77,6 @@ class Reference:
         raise TunesmithError("the reference log-probs do not match this batch (different token counts)",
                              "this is a bug in tunesmith; rerun with method_args.reference_cache: false and "
                              "report it")
-
-    def _training(self) -> bool:
-        return self._model_training() if self._model_training is not None else True
 
     def _lookup(self, name: str, idx: list[int]) -> SeqLogps | None:
         table = self.tables.get(name)
@@ -297,6 +297,8 @@ def load_tables(path: Path, sets: dict[str, Sequence[Any]], method: Any,
 def build_reference(model: torch.nn.Module, method: Any, items: Sequence[Any], eval_items: Sequence[Any] | None,
                     cfg: Any, rt: Any, tokenizer: Any, run_path: Path, console: Any) -> Reference:
     """Score (or load from the cache) the reference log-probs of every train and eval item."""
+    if not items:
+        raise TrainingAborted("no training examples left after rendering", hint="check `tunesmith data check`")
     sets = {"train": list(items)}
     if eval_items:
         sets["eval"] = list(eval_items)
@@ -308,7 +310,7 @@ def build_reference(model: torch.nn.Module, method: Any, items: Sequence[Any], e
     tables = load_tables(path, sets, method, pairs) if use_cache else None
     if tables is not None:
         console.print(f"reference log-probs: cache hit ({key})")
-        return _attach(Reference(method, tables, key, True, path), model)
+        return Reference(model, method, tables, key, True, path)
     n_items = " + ".join(f"{len(s)} {name}" for name, s in sets.items())
     console.print(f"reference log-probs: scoring {n_items} items ({reference_mode(cfg)}"
                   f"{', cache miss' if use_cache else ', cache off'})")
@@ -326,9 +328,4 @@ def build_reference(model: torch.nn.Module, method: Any, items: Sequence[Any], e
                    "seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         save_tables(tables, path, sidecar)
         console.print(f"reference log-probs: cached as {key}")
-    return _attach(Reference(method, tables, key, False, path if use_cache else None), model)
-
-
-def _attach(ref: Reference, model: torch.nn.Module) -> Reference:
-    ref._model_training = lambda: model.training  # the loop evaluates in eval mode, trains in train mode
-    return ref
+    return Reference(model, method, tables, key, False, path if use_cache else None)
