@@ -139,13 +139,24 @@ def model_identity(spec: str | None, revision: str | None = None) -> dict:
     return ident
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def directory_hash(path: Path, patterns: tuple[str, ...]) -> str:
-    """sha256 over the named files of a directory (names and contents), streamed."""
+    """sha256 over the named files of a directory (names and contents), streamed; remembered per process
+    for unchanged files (same names, sizes and modification times)."""
+    files = [f for pattern in patterns for f in sorted(path.glob(pattern))]
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _HASHES:
+        _HASHES[key] = _hash_files(files)
+    return _HASHES[key]
+
+
+def _hash_files(files: list[Path]) -> str:
     h = hashlib.sha256()
-    for pattern in patterns:
-        for f in sorted(path.glob(pattern)):
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
