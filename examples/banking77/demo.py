@@ -22,8 +22,10 @@ def main() -> int:
     print(f"banking77 demo finished in {minutes:.1f} min; adapter in {run.adapter}")
     for line in summary.get("verdicts", []):
         print(line)
-    for name, score in summary.get("scores", {}).items():
-        print(f"  {name:>12}: {score}")
+    for metric, by_candidate in summary.get("scores", {}).items():
+        for name, s in by_candidate.items():
+            print(f"  {metric} accuracy, {name:>6}: {100 * s['mean']:5.1f}%  (95% CI {100 * s['lo']:.1f} … "
+                  f"{100 * s['hi']:.1f})")
     print(f"full report: {run.path / 'eval' / 'report.html'}")
     return 0
 
