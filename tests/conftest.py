@@ -5,6 +5,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread: tiny models gain nothing from more, and on this project's 2-vCPU machines a second thread
+# makes small element-wise ops up to 25x slower whenever anything else runs (see model/threads.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -13,15 +16,3 @@ def tiny_dir(tmp_path_factory):
     from tiny import tiny_model_dir
 
     return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(autouse=True)
-def _threads(request):
-    """Tiny models gain nothing from threads and lose a lot when several test processes share two cores;
-    tests on the real default model get two."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2 if request.node.get_closest_marker("slow") else 1)
-    yield
-    torch.set_num_threads(before)

@@ -41,8 +41,12 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def make_runtime(device: str = "auto", precision: str = "bf16") -> Runtime:
+def make_runtime(device: str = "auto", precision: str = "bf16", threads: str | int = "auto") -> Runtime:
     dev = pick_device(device)
+    if dev.type == "cpu":
+        from .threads import set_threads
+
+        set_threads(threads)
     if precision == "fp16" and dev.type == "cpu":
         precision = "bf16"
     if precision == "bf16" and dev.type == "mps":
