@@ -117,7 +117,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
     from ..model.load import load_model_and_tokenizer, model_identity
 
     started = time.time()
-    rt = make_runtime(cfg.device, cfg.precision)
+    rt = make_runtime(cfg.device, cfg.precision, cfg.threads)
     run = RunDir(run_path, rt.is_main)
     run.write_config(cfg)
     seed_everything(cfg.train.seed)
@@ -146,6 +146,10 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         from ..model.adapters import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
+    if cfg.train.compile:
+        from ..model.adapters import compile_layers
+
+        compile_layers(model)
     summary = trainable_summary(model)
     if rt.is_main:
         console.print(format_summary(summary))
@@ -179,6 +183,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         tokenizer.save_pretrained(run.adapter)
     info = {
         "name": cfg.name, "method": cfg.method, "model": cfg.model, "adapter_kind": cfg.adapter.kind,
+        "base_dtype": base_dtype(cfg), "double_quant": cfg.adapter.double_quant,
         "base_model": model_identity(cfg.model, cfg.revision),
         "data": {"train": cfg.data.train, "format": train_ds.format, "examples": len(train_ds.examples),
                  "sha256": data_hash(train_ds.files), "render": train_stats,
