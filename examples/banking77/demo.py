@@ -4,6 +4,7 @@ then compare it with the base model on held-out messages.
 Everything here is the public API; the CLI equivalent is `tunesmith train examples/banking77/config.yaml`.
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,12 @@ HERE = Path(__file__).parent
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of examples/banking77/config.yaml, e.g. --set train.epochs=2")
+    args = parser.parse_args()
     started = time.time()
-    run = tunesmith.train(HERE / "config.yaml", overrides=sys.argv[1:])
+    run = tunesmith.train(HERE / "config.yaml", overrides=args.overrides)
     minutes = (time.time() - started) / 60
     summary = run.info.get("eval", {})
     print()
