@@ -32,6 +32,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/banking77/demo.py
 
 test: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests bench examples
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-dev

@@ -188,3 +188,24 @@ def test_nonfinite_loss_stops_before_the_step_names_it_and_keeps_last_good(tiny_
     records = [m for m in result.metrics if "loss" in m]
     assert len(records) == 6 and records[2].get("skipped") is True
     assert records[2]["loss"] != records[2]["loss"]  # the NaN is logged, not hidden
+
+
+def test_out_of_memory_gives_advice_and_no_partial_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    from tunesmith.train import loop
+
+    real = loop.Trainer.train_step
+
+    def exhausting(self):
+        if self.state.step == 2:
+            raise MemoryError()
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", exhausting)
+    with pytest.raises(TrainingAborted) as e:
+        tunesmith.train(yaml.safe_load(make_config(tiny_dir, tmp_path).read_text()), progress=False)
+    assert e.value.exit_code == 5 and "out of memory" in e.value.message
+    for advice in ("micro_batch_size=1", "grad_accum=4", "grad_checkpointing", "qlora", "max_length"):
+        assert advice in e.value.hint
+    root = tmp_path / "runs" / "r" / "checkpoints"
+    assert [p.name for p in checkpoint.checkpoint_dirs(root)] == ["step-000001", "step-000002"]
+    assert not list(root.glob(".tmp-*"))

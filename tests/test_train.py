@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import tunesmith
 from tunesmith.cli import main as cli_main
@@ -111,3 +111,25 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert cli_main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "train.lr" in err and "train.epoch" in err and "epochs" in err and "Traceback" not in err
+
+
+def test_chat_repl_keeps_the_conversation(tiny_dir, tmp_path, monkeypatch, capsys):
+    run = tunesmith.train(config(tiny_dir, tmp_path, max_steps=2), progress=False)
+    typed = iter(["hello world", "/reset", "how are you", ""])
+    seen = []
+
+    from tunesmith.eval.generate import Generator
+
+    real = Generator.generate
+
+    def spy(self, prompts, **kwargs):
+        seen.append([m["content"] for m in prompts[0]])
+        return real(self, prompts, **kwargs)
+
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    monkeypatch.setattr(Generator, "generate", spy)
+    assert cli_main(["chat", str(run.path), "--max-new-tokens", "3", "--device", "cpu", "--precision", "fp32",
+                     "--system", "be brief"]) == 0
+    assert seen[0] == ["be brief", "hello world"]
+    assert seen[1] == ["be brief", "how are you"]  # /reset dropped the first exchange, kept the system line
+    assert capsys.readouterr().out.count("model> ") == 2

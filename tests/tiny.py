@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -72,11 +71,6 @@ def build_model(out_dir: str | Path | None = None, vocab_size: int = 512, hidden
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
     return model
-
-
-@lru_cache(maxsize=None)
-def _cached_dir(root: str) -> str:
-    return root
 
 
 def tiny_model_dir(root: str | Path) -> Path:

@@ -157,7 +157,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, names: dict[str, torch.nn.Parame
     if meta.get("type") != type(opt).__name__ or len(meta["groups"]) != len(opt.param_groups):
         raise TunesmithError("the checkpoint's optimizer does not match this run's",
                              "resume with the same config the checkpoint was written with")
-    for group, saved in zip(opt.param_groups, meta["groups"]):
+    for group, saved in zip(opt.param_groups, meta["groups"], strict=True):
         for k, v in saved.items():
             if k != "params":
                 group[k] = tuple(v) if isinstance(group.get(k), tuple) else v

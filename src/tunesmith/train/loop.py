@@ -96,7 +96,7 @@ class Trainer:
         units = sum(self.method.units(b) for b in batches)
         total_loss = torch.zeros((), device=self.rt.device)
         sums: dict[str, torch.Tensor] = {}
-        for g, b in zip(groups, batches):
+        for g, b in zip(groups, batches, strict=True):
             loss_sum, metrics = self.forward(g, b)
             (loss_sum / max(units, 1)).backward()
             total_loss += loss_sum.detach()
@@ -134,7 +134,7 @@ class Trainer:
 
     def _set_lr(self, step: int) -> None:
         f = lr_factor(min(step, self.total_steps - 1), self.total_steps, self.warmup, self.cfg.schedule)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             g["lr"] = base * f
 
     def _nonfinite(self, step: int, loss: float, grad_norm: float, batches: Sequence[Batch]) -> None:

@@ -19,8 +19,8 @@ from ..errors import TunesmithError
 from ..methods import get_method
 from ..model.device import make_runtime
 from .loop import Trainer, TrainState
-from .session import run_loop
 from .rundir import RunDir, data_hash
+from .session import run_loop
 
 
 @dataclass
@@ -112,8 +112,13 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
                 resume: str | None = None) -> Run:
     from ..data.load import load_data, write_rejects
     from ..data.render import Renderer
-    from ..model.adapters import (apply_adapter, format_summary, load_adapter, optimizer_param_groups,
-                                  save_adapter, trainable_summary)
+    from ..model.adapters import (
+        apply_adapter,
+        format_summary,
+        load_adapter,
+        save_adapter,
+        trainable_summary,
+    )
     from ..model.load import load_model_and_tokenizer, model_identity
 
     started = time.time()

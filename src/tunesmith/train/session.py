@@ -101,7 +101,7 @@ def run_loop(trainer: Trainer, run: RunDir, cfg: RunConfig, console: Console, pr
     if trainer.stop_requested and state.step < trainer.total_steps:
         where = save()
         raise TrainingAborted(f"stopped by signal at step {state.step} of {trainer.total_steps}; checkpoint saved "
-                              f"in {where}", hint=f"resume with: tunesmith train CONFIG --resume auto",
+                              f"in {where}", hint="resume with: tunesmith train CONFIG --resume auto",
                               exit_code=EXIT_SIGNAL)
     return state
 
