@@ -48,6 +48,7 @@ def child_tunesmith(spec: dict) -> dict:
     from rich.console import Console
 
     from tunesmith.config import RunConfig
+    from tunesmith.data.batching import pack_setting
     from tunesmith.data.load import load_data
     from tunesmith.data.render import Renderer
     from tunesmith.methods import get_method
@@ -76,7 +77,7 @@ def child_tunesmith(spec: dict) -> dict:
     items = [method.render(renderer, ex) for ex in train_ds.examples]
     assert None not in items and len(items) == spec["steps"] * spec["batch"], "examples were dropped"
     pad_id = tok.pad_token_id
-    pack_length = cfg.train.pack_length or cfg.data.max_length
+    pack_length = pack_setting(cfg.train.packing, cfg.train.pack_length)
 
     started = time.perf_counter()
     reference = None

@@ -142,7 +142,7 @@ def test_padding_rows_are_finite_and_do_not_change_results(model):
     """A row shorter than the batch width is padded; padding attends to itself only (no empty mask row, no NaN)."""
     seqs = random_seqs([30, 4], seed=9)
     batch = collate(seqs, PAD, pack_length=None)
-    mask = batch.attention_mask()
+    mask = batch.attention_mask() == 0  # additive mask: 0 = may attend
     assert mask.shape == (2, 1, 30, 30) and bool(mask.any(-1).all())
     with torch.no_grad():
         logits = packed_logits(model, batch)

@@ -36,14 +36,17 @@ class Batch:
         return int((self.seq_ids >= 0).sum())
 
     def attention_mask(self) -> torch.Tensor:
-        """[R, 1, T, T] boolean: token i attends to token j iff same sequence and j <= i. Padding attends to
-        itself only, so no row of the mask is empty (an empty row makes SDPA return NaN)."""
+        """[R, 1, T, T] additive float mask (0 = attend, dtype minimum = blocked): token i attends to token j
+        iff same sequence and j <= i. Additive, not boolean, because transformers' eager attention adds the
+        mask to the scores as given; SDPA reads both. Padding attends to itself only, so no row of the mask is
+        empty (an empty row makes attention return NaN)."""
         s = self.seq_ids
         t = s.shape[1]
         same = (s[:, :, None] == s[:, None, :]) & (s[:, None, :] >= 0)
         causal = torch.ones(t, t, dtype=torch.bool, device=s.device).tril()
         eye = torch.eye(t, dtype=torch.bool, device=s.device)
-        return ((same & causal) | eye)[:, None, :, :]
+        allowed = ((same & causal) | eye)[:, None, :, :]
+        return torch.zeros(allowed.shape, device=s.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
     def to(self, device: torch.device) -> Batch:
         for name in ("input_ids", "labels", "position_ids", "seq_ids"):
@@ -52,10 +55,25 @@ class Batch:
         return self
 
 
+PACK_TO_LONGEST = -1  # pack into rows as long as the micro-batch's longest sequence
+
+
+def pack_setting(packing: bool, pack_length: int | None) -> int | None:
+    """What collate gets for train.packing / train.pack_length: None (one sequence per row), a row length, or
+    PACK_TO_LONGEST. Rows no longer than the longest sequence keep attention cost (rows x length^2) at what
+    padding would cost, while still filling the room short sequences leave."""
+    if not packing:
+        return None
+    return pack_length or PACK_TO_LONGEST
+
+
 def collate(seqs: Sequence[Tokenized], pad_id: int, pack_length: int | None = None,
             extra: dict | None = None) -> Batch:
     """Collate sequences (sequence i gets seq id i). With pack_length, sequences are packed first-fit
-    decreasing into rows of at most pack_length tokens; otherwise one sequence per row."""
+    decreasing into rows of at most pack_length tokens (PACK_TO_LONGEST: the longest sequence's length);
+    otherwise one sequence per row."""
+    if pack_length == PACK_TO_LONGEST:
+        pack_length = max(len(s) for s in seqs)
     rows = _pack(seqs, pack_length) if pack_length else [[i] for i in range(len(seqs))]
     width = max(sum(len(seqs[i]) for i in row) for row in rows)
     r = len(rows)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..data.batching import Batch, batch_order, collate
+from ..data.batching import Batch, batch_order, collate, pack_setting
 from ..data.render import IGNORE, Tokenized
 from ..errors import TrainingAborted, TunesmithError
 from .logps import SeqLogps, sequence_logps
@@ -210,7 +210,7 @@ def score_sequences(model: torch.nn.Module, seqs: Sequence[Tokenized], pad_id: i
 def compute_tables(model: torch.nn.Module, method: Any, sets: dict[str, Sequence[Any]],
                    pairs: dict[str, list[tuple[int, int]]], cfg: Any, rt: Any, pad_id: int) -> dict[str, Table]:
     t = cfg.train
-    pack = (t.pack_length or cfg.data.max_length) if t.packing else None
+    pack = pack_setting(t.packing, t.pack_length)
     per_set = {}
     for name, items in sets.items():
         seqs = [s for item in items for s in method.sequences(item)]

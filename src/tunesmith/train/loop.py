@@ -50,7 +50,7 @@ class Trainer:
             raise TrainingAborted("no training examples left after rendering", hint="check `tunesmith data check`")
         self.model, self.method, self.items, self.cfg, self.rt = model, method, items, cfg, runtime
         self.pad_id, self.optimizer, self.eval_items, self.reference = pad_id, optimizer, eval_items, reference
-        self.pack_length = pack_length if cfg.packing else None
+        self.pack_length = pack_length
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.lengths = [method.length(x) for x in items]

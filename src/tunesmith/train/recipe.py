@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from ..config import DataConfig, RunConfig, TrainConfig
+from ..data.batching import pack_setting
 from ..errors import TunesmithError
 from ..methods import get_method
 from ..model.device import make_runtime
@@ -155,6 +156,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         from ..model.adapters import compile_layers
 
         compile_layers(model)
+    choose_attention(model, rt, cfg.train.pack_length or cfg.data.max_length)
     summary = trainable_summary(model)
     if rt.is_main:
         console.print(format_summary(summary))
@@ -179,7 +181,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
     optimizer = _optimizer(model, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model, method, items, cfg.train, rt, pad_id, optimizer, eval_items=eval_items,
-                      reference=reference, pack_length=cfg.train.pack_length or cfg.data.max_length)
+                      reference=reference, pack_length=pack_setting(cfg.train.packing, cfg.train.pack_length))
     extra = {"reference_key": getattr(reference, "key", None)}
     state = run_loop(trainer, run, cfg, console, progress, resume, extra)
 
@@ -241,3 +243,20 @@ def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
     if stats["dropped"]:
         msg += f"; {stats['dropped']} dropped (over max_length with truncation: drop, or nothing left to train)"
     console.print(msg)
+
+
+EAGER_MAX_ROW = 256
+
+
+def choose_attention(model: torch.nn.Module, rt, longest_row: int) -> str:
+    """On CPU, for rows of at most EAGER_MAX_ROW tokens, transformers' eager attention (matmul + softmax)
+    trains about 25% faster per step than torch's CPU flash-attention kernel, whose backward is slow for
+    small heads (measured on SmolLM2-135M, 16 x 62 tokens: 1.06 s vs 1.38 s). Its memory grows with the
+    square of the row length, so longer rows keep SDPA. Both read the same additive block-diagonal mask."""
+    from ..methods.logps import unwrap
+
+    impl = "eager" if rt.device.type == "cpu" and longest_row <= EAGER_MAX_ROW else "sdpa"
+    base = unwrap(model)
+    if getattr(base.config, "_attn_implementation", None) in ("sdpa", "eager"):
+        base.set_attn_implementation(impl)
+    return impl
