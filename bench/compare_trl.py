@@ -34,7 +34,7 @@ VARIANTS = ("tunesmith", "trl", "trl-fast")
 DEFAULTS = {"sft": {"batch": 8, "max_length": 128, "lr": 2e-4},
             "dpo": {"batch": 4, "max_length": 384, "lr": 5e-5},
             "orpo": {"batch": 8, "max_length": 128, "lr": 5e-5}}
-SETUP = {"tunesmith": "packed + block mask, head on trained tokens, bf16 base",
+SETUP = {"tunesmith": "packed + block mask, head on trained tokens, bf16 base, eager attention for rows <= 256 on CPU",
          "trl": "TRL defaults: padded, grad checkpointing, fp32 base",
          "trl-fast": {"sft": "padding_free, no checkpointing, bf16 base",
                       "dpo": "precomputed reference, no checkpointing, bf16 base",
@@ -57,7 +57,7 @@ def child_tunesmith(spec: dict) -> dict:
     from tunesmith.model.device import make_runtime
     from tunesmith.model.load import load_model_and_tokenizer
     from tunesmith.train.loop import Trainer
-    from tunesmith.train.recipe import _optimizer, base_dtype, seed_everything
+    from tunesmith.train.recipe import _optimizer, base_dtype, choose_attention, seed_everything
 
     cfg = RunConfig.model_validate({
         "model": spec["model_dir"], "device": "cpu", "precision": "bf16", "method": spec["method"],
@@ -73,6 +73,7 @@ def child_tunesmith(spec: dict) -> dict:
     model, tok = load_model_and_tokenizer(cfg.model, device=rt.device, precision=cfg.precision,
                                           dtype=base_dtype(cfg))
     model = apply_adapter(model, cfg.adapter)
+    choose_attention(model, rt, cfg.train.pack_length or cfg.data.max_length)  # as train_stage does
     renderer = Renderer(tok, cfg.data.max_length)
     items = [method.render(renderer, ex) for ex in train_ds.examples]
     assert None not in items and len(items) == spec["steps"] * spec["batch"], "examples were dropped"
