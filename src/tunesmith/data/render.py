@@ -12,7 +12,6 @@ differently once later turns follow (e.g. one that strips reasoning from earlier
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -282,12 +281,3 @@ def fold_system(messages: list[dict]) -> list[dict]:
             rest[i] = {"role": "user", "content": f"{system}\n\n{m['content']}"}
             return rest
     return [{"role": "user", "content": system}] + rest
-
-
-def label_summary(items: Sequence[Tokenized]) -> dict:
-    lengths = [len(t) for t in items]
-    counts = Counter()
-    for t in items:
-        counts["tokens"] += len(t)
-        counts["target_tokens"] += t.n_target
-    return {"examples": len(items), "max_len": max(lengths, default=0), **counts}

@@ -112,9 +112,10 @@ def kto_pairs(method: Any, items: Sequence[Any], cfg: Any, eval_items: Sequence[
 
 
 def planned_micro_batches(items: Sequence[Any], method: Any, t: Any) -> list[list[int]]:
+    from ..train.loop import plan_steps  # the loop's own arithmetic, so the two cannot drift apart
+
     lengths = [method.length(x) for x in items]
-    per_epoch = math.ceil(len(items) / t.micro_batch_size)
-    total_steps = t.max_steps or max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
+    per_epoch, total_steps = plan_steps(len(items), t)
     epochs = math.ceil(total_steps * t.grad_accum / per_epoch)
     return [b for e in range(epochs)
             for b in batch_order(lengths, t.micro_batch_size, t.seed, e, t.group_by_length)]

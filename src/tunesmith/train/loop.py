@@ -41,6 +41,12 @@ class TrainState:
                 "skipped_nonfinite": self.skipped_nonfinite, "elapsed": self.elapsed}
 
 
+def plan_steps(n_items: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(micro-batches per epoch, optimizer steps of the run) for n_items examples."""
+    per_epoch = math.ceil(n_items / cfg.micro_batch_size)
+    return per_epoch, cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, method: Method, items: Sequence[Any], cfg: TrainConfig,
                  runtime: Runtime, pad_id: int, optimizer: torch.optim.Optimizer,
@@ -54,8 +60,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.lengths = [method.length(x) for x in items]
-        self.per_epoch = math.ceil(len(items) / cfg.micro_batch_size)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(self.per_epoch * cfg.epochs / cfg.grad_accum))
+        self.per_epoch, self.total_steps = plan_steps(len(items), cfg)
         self.warmup = warmup_steps(self.total_steps, cfg.warmup_ratio, cfg.warmup_steps)
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self._orders: dict[int, list[list[int]]] = {}
@@ -75,8 +80,9 @@ class Trainer:
         return step * self.cfg.grad_accum / self.per_epoch
 
     # ---- one optimizer step --------------------------------------------------------------------------
-    def collate(self, indices: Sequence[int]) -> Batch:
-        return self.method.collate([self.items[i] for i in indices], self.pad_id, self.pack_length).to(self.rt.device)
+    def collate(self, indices: Sequence[int], items: Sequence[Any] | None = None) -> Batch:
+        items = self.items if items is None else items
+        return self.method.collate([items[i] for i in indices], self.pad_id, self.pack_length).to(self.rt.device)
 
     def forward(self, indices: Sequence[int], batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self.rt.autocast():
@@ -162,8 +168,7 @@ class Trainer:
         bs = self.cfg.micro_batch_size
         for k in range(0, len(self.eval_items), bs):
             idx = list(range(k, min(k + bs, len(self.eval_items))))
-            batch = self.method.collate([self.eval_items[i] for i in idx], self.pad_id,
-                                        self.pack_length).to(self.rt.device)
+            batch = self.collate(idx, self.eval_items)
             with self.rt.autocast():
                 policy = sequence_logps(self.model, batch, self.cfg.logits_chunk)
             ref = self.reference(idx, batch) if self.method.needs_reference and self.reference else None

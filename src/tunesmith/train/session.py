@@ -4,7 +4,6 @@ errors that leave the last good checkpoint in place."""
 
 from __future__ import annotations
 
-import json
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,7 +125,3 @@ def _oom(cfg: RunConfig) -> TrainingAborted:
     tips.append(f"a shorter data.max_length (now {cfg.data.max_length})")
     return TrainingAborted("out of memory during training; no checkpoint was written for the failed step",
                            hint="try " + "; ".join(tips), exit_code=EXIT_OOM)
-
-
-def read_state(path: Path) -> dict:
-    return json.loads((path / "state.json").read_text())
