@@ -39,7 +39,7 @@ def _seq(ids, n_prompt, source=None):
 
 
 def test_paired_collate_puts_chosen_first_then_rejected_in_one_batch():
-    method = get_method("dpo")
+    method = get_method("dpo", MethodConfig(share_prompt=False))  # shared prompts: tests/test_shared_prompt.py
     items = [TokenizedPair(_seq([5, 6, 7, 8], 2), _seq([5, 6, 9], 2)),
              TokenizedPair(_seq([10, 11, 12], 1), _seq([10, 13, 14, 15, 16], 1))]
     for pack in (None, 64):

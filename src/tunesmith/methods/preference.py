@@ -1,8 +1,10 @@
 """Preference methods: DPO, IPO, ORPO, SimPO (paired) and KTO (unpaired).
 
 Paired methods put every pair's chosen sequence and rejected sequence into ONE batch — chosen first (seq ids
-0..B-1), then rejected (B..2B-1) — so both go through one forward pass, packed like any other batch. The loss
-is a sum over pairs; the loop divides by the pairs of the whole accumulated batch.
+0..B-1), then rejected (B..2B-1) — so both go through one forward pass, packed like any other batch. With
+`share_prompt` (default) the prompt the two share is computed once and each completion attends to that copy
+(`data.batching.collate`, `share=`): same log-probs, fewer tokens to run. The loss is a sum over pairs; the
+loop divides by the pairs of the whole accumulated batch.
 
 KTO scores each completion and, for its reference point z0, one mismatched sequence per example: the prompt
 of example i with the completion of example (i + 1) % B of the same micro-batch (`kto_mismatched_indices`).
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ..config import MethodConfig
-from ..data.batching import Batch, collate
+from ..data.batching import Batch, collate, shared_prefix
 from ..data.render import IGNORE, Renderer, Tokenized, TokenizedPair, TokenizedUnpaired
 from ..data.types import Preference, Unpaired
 from ..errors import TunesmithError
@@ -54,15 +56,23 @@ class PairedMethod:
         return renderer.preference(example)
 
     def length(self, item: TokenizedPair) -> int:
-        return len(item.chosen) + len(item.rejected)
+        """Tokens the pair costs to run: its prompt counts once when it is shared."""
+        shared = shared_prefix(item.chosen, item.rejected) if self.shares_prompt else 0
+        return len(item.chosen) + len(item.rejected) - shared
 
     def sequences(self, item: TokenizedPair) -> list[Tokenized]:
         """The sequences an item always contributes, in the order collate places them (for the reference)."""
         return [item.chosen, item.rejected]
 
+    @property
+    def shares_prompt(self) -> bool:
+        return self.args.share_prompt
+
     def collate(self, items: Sequence[TokenizedPair], pad_id: int, pack_length: int | None) -> Batch:
+        n = len(items)
         seqs = [p.chosen for p in items] + [p.rejected for p in items]
-        return collate(seqs, pad_id, pack_length, extra={"pairs": len(items)})
+        share = [(i, n + i) for i in range(n)] if self.shares_prompt else []
+        return collate(seqs, pad_id, pack_length, extra={"pairs": n}, share=share)
 
     def units(self, batch: Batch) -> int:
         return batch.extra["pairs"]

@@ -195,13 +195,25 @@ def cache_dir() -> Path:
 
 @torch.no_grad()
 def score_sequences(model: torch.nn.Module, seqs: Sequence[Tokenized], pad_id: int, pack_length: int | None,
-                    batch_seqs: int, rt: Any, logits_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and token counts of each sequence's trained tokens, [S] each, longest first."""
+                    batch_seqs: int, rt: Any, logits_chunk: int,
+                    pairs: Sequence[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts of each sequence's trained tokens, [S] each. Sequences go through
+    in batches of about `batch_seqs`, longest first; each of `pairs` (i, j) stays in one batch with its
+    shared prompt computed once, as in training."""
     logp, count = torch.zeros(len(seqs)), torch.zeros(len(seqs))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    for k in range(0, len(order), batch_seqs):
-        idx = order[k:k + batch_seqs]
-        batch = collate([seqs[i] for i in idx], pad_id, pack_length).to(rt.device)
+    in_pair = {i for pair in pairs for i in pair}
+    units = [list(p) for p in pairs] + [[i] for i in range(len(seqs)) if i not in in_pair]
+    units.sort(key=lambda u: -sum(len(seqs[i]) for i in u))
+    batches: list[list[list[int]]] = []
+    for unit in units:
+        if not batches or sum(len(u) for u in batches[-1]) + len(unit) > max(batch_seqs, len(unit)):
+            batches.append([])
+        batches[-1].append(unit)
+    for group in batches:
+        idx = [i for u in group for i in u]
+        at = {i: k for k, i in enumerate(idx)}
+        share = [(at[u[0]], at[u[1]]) for u in group if len(u) == 2]
+        batch = collate([seqs[i] for i in idx], pad_id, pack_length, share=share).to(rt.device)
         with rt.autocast():
             out = sequence_logps(model, batch, logits_chunk)
         logp[idx], count[idx] = out.logp_sum.float().cpu(), out.n_tokens.float().cpu()
@@ -223,7 +235,17 @@ def compute_tables(model: torch.nn.Module, method: Any, sets: dict[str, Sequence
         for s in seqs:
             unique.setdefault((s.input_ids, s.labels), len(unique))
     todo = [Tokenized(ids, labels) for ids, labels in unique]
-    all_logp, all_n = score_sequences(model, todo, pad_id, pack, 2 * t.micro_batch_size, rt, t.logits_chunk)
+    shared: list[tuple[int, int]] = []  # (chosen, rejected), each sequence in at most one pair
+    if getattr(method, "shares_prompt", False):
+        used: set[int] = set()
+        for items in sets.values():
+            for item in items:
+                c, r = (unique[(s.input_ids, s.labels)] for s in method.sequences(item))
+                if c != r and not {c, r} & used:
+                    shared.append((c, r))
+                    used.update((c, r))
+    all_logp, all_n = score_sequences(model, todo, pad_id, pack, 2 * t.micro_batch_size, rt, t.logits_chunk,
+                                      pairs=shared)
     tables = {}
     for name, items in sets.items():
         k = len(method.sequences(items[0]))
