@@ -61,6 +61,8 @@ class MethodConfig(Section):
     kto_desirable_weight: float = Field(1.0, gt=0)
     kto_undesirable_weight: float = Field(1.0, gt=0)
     reference_cache: bool = True
+    # paired methods: compute the prompt that chosen and rejected share once (exact; off = two full sequences)
+    share_prompt: bool = True
 
 
 class TrainConfig(Section):
