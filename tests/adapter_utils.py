@@ -10,16 +10,20 @@ from tunesmith.config import AdapterConfig
 from tunesmith.model.adapters import optimizer_param_groups
 
 
-def load_tiny(tiny_dir, quantized: bool = False, dtype: torch.dtype = torch.float32, double_quant: bool = True):
-    """The tiny Llama from disk; NF4 with `dtype` compute when quantized (fp32 keeps comparisons exact)."""
+def load_tiny(tiny_dir, quantized: bool = False, dtype: torch.dtype = torch.float32, double_quant: bool = True,
+              embeddings: bool = True):
+    """The tiny Llama from disk; NF4 with `dtype` compute when quantized (fp32 keeps comparisons exact), the
+    tied embedding/head included unless `embeddings` is false (as the loader does for quantize_embeddings)."""
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.model.quantize import keep_4bit_layout, nf4_config
+    from tunesmith.model.quantize import keep_4bit_layout, nf4_config, quantize_embeddings_nf4
 
     if quantized:
         model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=nf4_config(double_quant, dtype),
                                                      dtype=dtype, device_map="cpu")
         keep_4bit_layout(model)  # what the loader does right after loading
+        if embeddings:
+            quantize_embeddings_nf4(model, double_quant, dtype)
         return model
     return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype)
 

@@ -31,6 +31,7 @@ CONTRACT = {
     "dora": AdapterConfig(kind="dora", r=4, alpha=8),
     "qlora": AdapterConfig(kind="qlora", r=4, alpha=8),
     "qlora+dora": AdapterConfig(kind="qlora", r=4, alpha=8, use_dora=True),
+    "qlora-bf16-embeddings": AdapterConfig(kind="qlora", r=4, alpha=8, quantize_embeddings=False),
     "full": AdapterConfig(kind="full"),
 }
 
@@ -40,7 +41,11 @@ def test_adapter_contract(name, tiny_dir, tmp_path):
     cfg = CONTRACT[name]
     quantized = cfg.kind == "qlora"
     ids = token_batch(seed=99)
-    model = load_tiny(tiny_dir, quantized)
+    model = load_tiny(tiny_dir, quantized, embeddings=cfg.embeddings_in_4bit)
+    if quantized:  # the tied embedding/head: one 4-bit table, or the bf16 (here fp32) one bitsandbytes leaves
+        assert type(model.get_input_embeddings()).__name__ == ("NF4Embedding" if cfg.embeddings_in_4bit
+                                                               else "Embedding")
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     base_logits = logits_of(model, ids)
     base = snapshot(model, "all")
 
@@ -67,9 +72,9 @@ def test_adapter_contract(name, tiny_dir, tmp_path):
                                                          "adapter_model.safetensors"]
         from peft import PeftModel
 
-        plain = PeftModel.from_pretrained(load_tiny(tiny_dir, quantized), str(out))
+        plain = PeftModel.from_pretrained(load_tiny(tiny_dir, quantized, embeddings=cfg.embeddings_in_4bit), str(out))
         assert torch.equal(logits_of(plain, ids), trained)
-        ours = load_adapter(load_tiny(tiny_dir, quantized), out)
+        ours = load_adapter(load_tiny(tiny_dir, quantized, embeddings=cfg.embeddings_in_4bit), out)
         assert torch.equal(logits_of(ours, ids), trained)
         assert not any(p.requires_grad for p in ours.parameters())
         merged = merge_adapter(ours, dtype=torch.float32)
@@ -81,6 +86,7 @@ def test_adapter_contract(name, tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32)
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight  # still tied
     assert torch.equal(logits_of(reloaded, ids), logits_of(merged, ids))
     assert (logits_of(reloaded, ids) - trained).abs().max() <= 2e-5
 
@@ -300,6 +306,11 @@ BAD_COMBINATIONS = [
     ({"kind": "dora", "init": "pissa"}, "adapter.init"),
     ({"kind": "qlora", "use_dora": True, "init": "olora"}, "adapter.init"),
     ({"kind": "qlora", "modules_to_save": ["lm_head", "model.layers.0.mlp.down_proj"]}, "adapter.modules_to_save"),
+    ({"kind": "qlora", "modules_to_save": ["lm_head"]}, "adapter.modules_to_save"),  # 4-bit by default
+    ({"kind": "qlora", "modules_to_save": ["model.embed_tokens"], "quantize_embeddings": True},
+     "adapter.modules_to_save"),
+    ({"kind": "lora", "quantize_embeddings": True}, "adapter.quantize_embeddings"),
+    ({"kind": "full", "quantize_embeddings": False}, "adapter.quantize_embeddings"),
 ]
 
 
@@ -311,8 +322,33 @@ def test_config_rejects_incompatible_adapter_settings(adapter, key):
 
 
 @pytest.mark.parametrize("adapter", [{"kind": "qlora", "use_dora": True}, {"kind": "qlora", "use_rslora": True},
-                                     {"kind": "qlora", "modules_to_save": ["lm_head"]}, {"kind": "full"},
+                                     {"kind": "qlora", "modules_to_save": ["lm_head"], "quantize_embeddings": False},
+                                     {"kind": "qlora", "quantize_embeddings": False}, {"kind": "full"},
                                      {"kind": "lora", "init": "olora", "lora_plus_ratio": 16}])
 def test_config_accepts_supported_combinations(adapter):
     cfg = parse_config({"data": {"train": "train.jsonl"}, "adapter": adapter})
     assert cfg.adapter.kind == adapter["kind"]
+    assert cfg.adapter.embeddings_in_4bit == (adapter["kind"] == "qlora" and "quantize_embeddings" not in adapter)
+
+
+def test_quantize_embeddings_errors_name_the_key_and_the_fix():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"data": {"train": "t.jsonl"}, "adapter": {"kind": "qlora", "modules_to_save": ["lm_head"]}})
+    (problem,) = e.value.problems
+    assert "'lm_head' is stored in 4-bit" in problem.what and "quantize_embeddings: false" in problem.hint
+    with pytest.raises(ConfigError) as e:
+        parse_config({"data": {"train": "t.jsonl"}, "adapter": {"kind": "dora", "quantize_embeddings": False}})
+    (problem,) = e.value.problems
+    assert problem.where == "adapter.quantize_embeddings" and "qlora only" in problem.what
+
+
+def test_quantize_embeddings_survives_the_written_config():
+    """run folders keep config.yaml; reading it back must give the same choice (unset stays unset = on)."""
+    import yaml
+
+    from tunesmith.config import dump_config
+
+    for adapter in ({"kind": "qlora"}, {"kind": "qlora", "quantize_embeddings": False}, {"kind": "lora"}):
+        cfg = parse_config({"data": {"train": "t.jsonl"}, "adapter": adapter})
+        again = parse_config(yaml.safe_load(dump_config(cfg)))
+        assert again.adapter.embeddings_in_4bit == cfg.adapter.embeddings_in_4bit

@@ -79,30 +79,38 @@ def test_write_merged_refuses_unmerged_and_bad_dtype(tiny_dir, tmp_path):
         write_merged(load_tiny(tiny_dir, quantized=True), tok, tmp_path / "c")
 
 
-def make_run(tiny_dir, root, kind: str, precision: str = "fp32", double_quant: bool = True):
-    """A run folder as tunesmith train leaves it: run.json, config.yaml, adapter/ (+ tokenizer)."""
+def make_run(tiny_dir, root, kind: str, precision: str = "fp32", double_quant: bool = True,
+             embeddings: bool | None = None):
+    """A run folder as tunesmith train leaves it: run.json, config.yaml, adapter/ (+ tokenizer).
+    `embeddings` is the QLoRA quantize_embeddings setting as run.json records it; None: a run folder from
+    before the option existed (nothing recorded, and its embedding/head were left in bf16)."""
     cfg = AdapterConfig(kind=kind, r=4, double_quant=double_quant) if kind != "full" else AdapterConfig(kind="full")
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    model = load_tiny(tiny_dir, quantized=kind == "qlora", dtype=dtype, double_quant=double_quant)
+    model = load_tiny(tiny_dir, quantized=kind == "qlora", dtype=dtype, double_quant=double_quant,
+                      embeddings=bool(embeddings))
     model = apply_adapter(model, cfg)
     train_steps(model, cfg, steps=2, lr=1e-2)
     root.mkdir()
     save_adapter(model, root / "adapter")
     load_tokenizer(tiny_dir).save_pretrained(root / "adapter")
-    (root / "run.json").write_text(json.dumps({"model": str(tiny_dir), "adapter_kind": kind,
-                                               "precision": precision}))
+    run = {"model": str(tiny_dir), "adapter_kind": kind, "precision": precision}
+    if embeddings is not None:
+        run["quantize_embeddings"] = embeddings
+    (root / "run.json").write_text(json.dumps(run))
     (root / "config.yaml").write_text(f"model: {tiny_dir}\nprecision: {precision}\n"
                                       f"adapter: {{kind: {kind}, double_quant: {str(double_quant).lower()}}}\n")
     return model
 
 
-@pytest.mark.parametrize("kind,double_quant", [("lora", True), ("qlora", True), ("qlora", False), ("full", True)])
-def test_merge_run(kind, double_quant, tiny_dir, tmp_path):
+@pytest.mark.parametrize("kind,double_quant,embeddings", [
+    ("lora", True, False), ("qlora", True, True), ("qlora", False, True), ("qlora", True, False), ("qlora", True, None),
+    ("full", True, False)])
+def test_merge_run(kind, double_quant, embeddings, tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tunesmith.model.merge import sample_input_ids
 
-    trained = make_run(tiny_dir, tmp_path / "run", kind, double_quant=double_quant)
+    trained = make_run(tiny_dir, tmp_path / "run", kind, double_quant=double_quant, embeddings=embeddings)
     out, report = merge_run(tmp_path / "run", dtype="fp32")
     assert out == tmp_path / "run" / "merged"
     assert report["merged"] == (kind != "full") and report["max_abs_diff"] <= report["tol"]
@@ -122,7 +130,7 @@ def test_merge_run_qlora_bf16_base(tiny_dir, tmp_path):
     from tunesmith.model.merge import _upcast_unquantised, sample_input_ids
     from tunesmith.model.quantize import is_4bit_linear
 
-    trained = make_run(tiny_dir, tmp_path / "run", "qlora", precision="bf16")
+    trained = make_run(tiny_dir, tmp_path / "run", "qlora", precision="bf16", embeddings=True)
     out, report = merge_run(tmp_path / "run", dtype="fp32")
     assert report["max_abs_diff"] <= report["tol"]
     # Evaluate the trained model in fp32 too; then only the NF4 weights could differ, and they must not.

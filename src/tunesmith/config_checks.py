@@ -112,4 +112,15 @@ def adapter_problems(a: AdapterConfig) -> list[Problem]:
             if name.split(".")[-1] in quantised_names:
                 p.append(Problem("adapter.modules_to_save", f"'{name}' is a linear layer that QLoRA stores in 4-bit; "
                                  "it cannot be trained in full", "list it in adapter.target to train it with LoRA"))
+            elif a.embeddings_in_4bit and name.split(".")[-1] in EMBEDDING_NAMES:
+                p.append(Problem("adapter.modules_to_save", f"'{name}' is stored in 4-bit (adapter.quantize_embeddings "
+                                 "is on by default for qlora) and cannot be trained in full",
+                                 "set adapter.quantize_embeddings: false to train it (it then stays bf16)"))
+    elif a.quantize_embeddings is not None:
+        p.append(Problem("adapter.quantize_embeddings", f"applies to qlora only; adapter.kind {a.kind} keeps every "
+                         "base weight in the run's precision", "remove adapter.quantize_embeddings or use adapter.kind: qlora"))
     return p
+
+
+# Input embeddings and output heads as transformers names them (Llama/Mistral/Qwen/Gemma/Phi, GPT-2, GPT-NeoX).
+EMBEDDING_NAMES = {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings", "tok_embeddings"}

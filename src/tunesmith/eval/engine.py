@@ -31,8 +31,9 @@ class Engine:
         self.rt = make_runtime(device, precision)
         quantize = bool(runs) and all((c.info or {}).get("adapter_kind") == "qlora" for c in runs)
         dtype = "fp32" if self.rt.precision == "fp32" else self.rt.precision
+        settings = _quantised_base(runs) if quantize else {}
         model, tokenizer = load_model_and_tokenizer(base, device=self.rt.device, precision=self.rt.precision,
-                                                    dtype=dtype, quantize_nf4=quantize)
+                                                    dtype=dtype, quantize_nf4=quantize, **settings)
         self.base = base
         self.tokenizer = _run_tokenizer(runs) or tokenizer
         self.adapters = AdapterSet(model)
@@ -120,3 +121,20 @@ def local_judge_fn(spec: str, device: str, precision: str, batch_size: int,
     generator = Generator(model, tokenizer, device=rt.device, precision=rt.precision, batch_size=batch_size,
                           max_new_tokens=max_new_tokens)
     return lambda texts: generator.generate([[Message("user", t)] for t in texts])
+
+
+def _quantised_base(runs: Sequence[Candidate]) -> dict:
+    """The NF4 settings the QLoRA runs were trained with; they share one base, so they must agree."""
+    from ..model.runs import quantised_base_settings
+
+    found = {}
+    for c in runs:
+        settings = quantised_base_settings(c.run, c.info or {})  # type: ignore[arg-type]
+        settings.pop("dtype", None)
+        found[c.run] = settings
+    distinct = {tuple(sorted(s.items())) for s in found.values()}
+    if len(distinct) > 1:
+        detail = "; ".join(f"{run}: {s}" for run, s in found.items())
+        raise TunesmithError("these QLoRA runs were trained on differently quantised bases, so they cannot "
+                             f"share one: {detail}", "evaluate them in separate `tunesmith eval` calls")
+    return next(iter(found.values()))

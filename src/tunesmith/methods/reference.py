@@ -171,7 +171,8 @@ def key_parts(cfg: Any, method: Any, tokenizer: Any, precision: str, data_sha: s
         "model": sha256_bytes(identity.encode()),
         "adapter": adapter,
         "reference": reference_mode(cfg) + (f":{a.init}" if reference_mode(cfg) == "initial-policy" else ""),
-        "quantization": f"nf4:double_quant={a.double_quant}" if a.kind == "qlora" else "none",
+        "quantization": (f"nf4:double_quant={a.double_quant},embeddings={a.embeddings_in_4bit}"
+                         if a.kind == "qlora" else "none"),
         "data": data_sha,
         "tokenisation": {"max_length": d.max_length, "truncation": d.truncation, "train_on": d.train_on,
                          "system_prompt": d.system_prompt,

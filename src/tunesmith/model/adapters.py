@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import TunesmithError
-from .quantize import has_4bit_layers, is_4bit_linear, keep_4bit_layout, logical_numel
+from .quantize import has_4bit_layers, is_4bit_embedding, is_4bit_linear, keep_4bit_layout, logical_numel
 
 ATTENTION_PARENTS = ("self_attn", "attention", "attn")
 MLP_PARENTS = ("mlp", "feed_forward", "ffn")
@@ -170,6 +170,12 @@ def _check_modules_to_save(model: nn.Module, cfg: AdapterConfig) -> None:
         if not hits:
             raise TunesmithError(f"adapter.modules_to_save: no module named '{entry}' in this model",
                                  "use names such as lm_head or embed_tokens")
+        embeddings = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None} if hasattr(model, "get_output_embeddings") else set()
+        if any(id(m) in embeddings and (is_4bit_linear(m) or is_4bit_embedding(m)) for m in hits):
+            raise TunesmithError(f"adapter.modules_to_save: '{entry}' is stored in 4-bit "
+                                 "(adapter.quantize_embeddings) and cannot be trained in full",
+                                 "set adapter.quantize_embeddings: false to train it")
         if any(is_4bit_linear(m) for m in hits):
             raise TunesmithError(f"adapter.modules_to_save: '{entry}' is quantised to 4-bit and cannot be trained",
                                  "wrap it with LoRA through adapter.target instead")

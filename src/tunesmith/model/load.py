@@ -80,10 +80,12 @@ def load_tokenizer(spec: str | None, trust_remote_code: bool = False, revision: 
 
 def load_model_and_tokenizer(spec: str | None = "default", *, device: str | torch.device = "cpu",
                              precision: str = "fp32", dtype: str | None = None, quantize_nf4: bool = False,
-                             double_quant: bool = True, trust_remote_code: bool = False,
-                             revision: str | None = None):
+                             double_quant: bool = True, quantize_embeddings: bool = True,
+                             trust_remote_code: bool = False, revision: str | None = None):
     """Load a causal LM and its tokenizer. `dtype` is the storage dtype of the weights (default fp32);
-    `precision` is the compute precision (used as the NF4 compute dtype)."""
+    `precision` is the compute precision (used as the NF4 compute dtype). With `quantize_nf4`, the linear
+    layers are NF4 (bitsandbytes) and, unless `quantize_embeddings` is false, the input embedding and output
+    head too (`quantize.quantize_embeddings_nf4`)."""
     from transformers import AutoModelForCausalLM
 
     where = resolve(spec, trust_remote_code, revision)
@@ -100,9 +102,11 @@ def load_model_and_tokenizer(spec: str | None = "default", *, device: str | torc
     except Exception as e:  # noqa: BLE001
         raise _translate(spec, where, e) from None
     if quantize_nf4:
-        from .quantize import keep_4bit_layout
+        from .quantize import keep_4bit_layout, quantize_embeddings_nf4
 
         keep_4bit_layout(model)  # before any forward: see quantize.keep_4bit_layout
+        if quantize_embeddings:
+            quantize_embeddings_nf4(model, double_quant, DTYPES.get(precision, torch.bfloat16))
     else:
         model.to(device)
     if tokenizer.pad_token_id is None:

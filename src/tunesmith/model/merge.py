@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import TunesmithError
-from .quantize import clear_quantization_marks, dequantize_4bit_layers, has_4bit_layers
+from .quantize import clear_quantization_marks, dequantize_4bit_layers, has_4bit_layers, is_4bit_embedding
+from .runs import quantised_base_settings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAMPLE_CONVERSATIONS = [
@@ -188,26 +189,15 @@ def _read_run(run_dir: Path) -> dict:
     return run
 
 
-def _quantised_base_settings(run_dir: Path, run: dict) -> dict:
-    """How the run's 4-bit base was made, so the merge re-creates the very same NF4 weights: the dtype the
-    weights were quantised from (the run's base dtype, i.e. its precision) and double quantisation."""
-    import yaml
-
-    config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    config = config if isinstance(config, dict) else {}
-    adapter = config.get("adapter") if isinstance(config.get("adapter"), dict) else {}
-    precision = run.get("precision") or config.get("precision") or "bf16"
-    return {"dtype": run.get("base_dtype") or precision,
-            "double_quant": bool(run.get("double_quant", adapter.get("double_quant", True)))}
-
-
 def _upcast_unquantised(model: nn.Module) -> None:
-    """fp32 for every parameter outside the 4-bit layers (embeddings, norms), so the adapter model is
-    evaluated in the same precision the merge happens in."""
+    """fp32 for every parameter outside the 4-bit layers (norms; embeddings unless they are 4-bit, in which
+    case they dequantise to fp32), so the adapter model is evaluated in the same precision the merge happens in."""
     for p in model.parameters():
         if not hasattr(p, "quant_state") and p.is_floating_point():
             p.data = p.data.float()
+    for m in model.modules():
+        if is_4bit_embedding(m):
+            m.compute_dtype = torch.float32
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "bf16",
@@ -237,7 +227,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: str
         from .adapters import load_adapter
 
         quantised = kind == "qlora"
-        settings = _quantised_base_settings(run_dir, run) if quantised else {}
+        settings = quantised_base_settings(run_dir, run) if quantised else {}
         base, tokenizer = load_model_and_tokenizer(run["model"], precision="fp32", quantize_nf4=quantised,
                                                    **settings)
         if quantised:

@@ -36,10 +36,34 @@ def load_run(path: str | Path, device="cpu", precision: str = "bf16", dtype: str
 
         model, _ = load(str(adapter), device=device, precision=precision, dtype=dtype)
     else:
+        quantised = info.get("adapter_kind") == "qlora"
+        settings = quantised_base_settings(Path(path), info) if quantised else {}
+        settings.pop("dtype", None)  # inference keeps the dtype asked for; NF4 weights are the same either way
         model, _ = load_model_and_tokenizer(info["model"], device=device, precision=precision, dtype=dtype,
-                                            quantize_nf4=info.get("adapter_kind") == "qlora")
+                                            quantize_nf4=quantised, **settings)
         model = load_adapter(model, adapter, trainable=False)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, info
+
+
+def quantised_base_settings(run_dir: Path, run: dict) -> dict:
+    """How a QLoRA run's 4-bit base was made, so that it is re-created with the very same NF4 weights: the
+    dtype the weights were quantised from (the run's base dtype, i.e. its precision), double quantisation,
+    and whether the embedding and head were quantised too (run.json records it; a config.yaml that has the
+    key but leaves it unset means on; a run from before the option existed had them in bf16)."""
+    import yaml
+
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    config = config if isinstance(config, dict) else {}
+    adapter = config.get("adapter") if isinstance(config.get("adapter"), dict) else {}
+    precision = run.get("precision") or config.get("precision") or "bf16"
+    if "quantize_embeddings" in run:
+        embeddings = bool(run["quantize_embeddings"])
+    else:
+        embeddings = "quantize_embeddings" in adapter and adapter["quantize_embeddings"] is not False
+    return {"dtype": run.get("base_dtype") or precision,
+            "double_quant": bool(run.get("double_quant", adapter.get("double_quant", True))),
+            "quantize_embeddings": embeddings}
