@@ -69,6 +69,7 @@ class Prepared:
     lengths: list[int]  # every sequence tunesmith trains on (a pair gives two)
     trained: list[int]  # trained positions of each sequence
     trl_tokens: int  # tokens of TRL's copies (completions end at the end-of-turn token)
+    computed: int  # tokens tunesmith actually runs (a pair's shared prompt once)
 
 
 def prepare(method: str, n: int, max_length: int, workdir: Path, seed: int = 0) -> Prepared:
@@ -99,9 +100,12 @@ def prepare(method: str, n: int, max_length: int, workdir: Path, seed: int = 0) 
                          "lower --steps or --batch, or raise --max-length")
     train_file = workdir / "train.jsonl"
     train_file.write_text("".join(json.dumps(row) + "\n" for row, _ in items))
-    trl_rows, expect, lengths, trained, trl_tokens = [], [], [], [], 0
+    from tunesmith.data.batching import shared_prefix
+
+    trl_rows, expect, lengths, trained, trl_tokens, computed = [], [], [], [], 0, 0
     for _, item in items:
         seqs = sequences(item)
+        computed += sum(len(s) for s in seqs) - (shared_prefix(*seqs) if len(seqs) == 2 else 0)
         lengths += [len(s) for s in seqs]
         trained += [sum(1 for x in s.labels[1:] if x != -100) for s in seqs]
         row, ids = trl_row(method, item, tok)
@@ -111,7 +115,7 @@ def prepare(method: str, n: int, max_length: int, workdir: Path, seed: int = 0) 
     trl_file, expect_file = workdir / "trl.jsonl", workdir / "expect.json"
     trl_file.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
     expect_file.write_text(json.dumps(expect))
-    return Prepared(method, train_file, trl_file, expect_file, lengths, trained, trl_tokens)
+    return Prepared(method, train_file, trl_file, expect_file, lengths, trained, trl_tokens, computed)
 
 
 def sequences(item) -> list:

@@ -3,8 +3,9 @@ examples and tokens, LoRA r16/alpha 32 on all linear layers, effective batch, ma
 constant learning rate, number of steps (one epoch of steps x batch examples, so both see every example once).
 
 Variants, each run in a FRESH process, alternating, for several rounds:
-  tunesmith  its defaults: packing with a block-diagonal mask, length-grouped batches, LM head on trained
-             positions only, bf16 frozen base, no gradient checkpointing; DPO reference log-probs up front
+  tunesmith  its defaults: packing with a block-diagonal mask, shared prompts for pairs, length-grouped
+             batches, LM head on trained positions only, bf16 frozen base, fused RMSNorm / SwiGLU /
+             attention, no gradient checkpointing; DPO reference log-probs up front
   trl        TRL 1.16 defaults (fp32 weights under bf16 autocast, gradient checkpointing on, padded batches)
   trl-fast   TRL's fastest setting that is still correct here: bf16 base, no gradient checkpointing; SFT
              padding_free (checked in the run: packed sequences must not see each other); DPO precomputed
@@ -34,7 +35,7 @@ VARIANTS = ("tunesmith", "trl", "trl-fast")
 DEFAULTS = {"sft": {"batch": 8, "max_length": 128, "lr": 2e-4},
             "dpo": {"batch": 4, "max_length": 384, "lr": 5e-5},
             "orpo": {"batch": 8, "max_length": 128, "lr": 5e-5}}
-SETUP = {"tunesmith": "packed + block mask, head on trained tokens, bf16 base, eager attention for rows <= 256 on CPU",
+SETUP = {"tunesmith": "packed, shared prompts (pairs), head on trained tokens, bf16 base, fused norm/SwiGLU/attention",
          "trl": "TRL defaults: padded, grad checkpointing, fp32 base",
          "trl-fast": {"sft": "padding_free, no checkpointing, bf16 base",
                       "dpo": "precomputed reference, no checkpointing, bf16 base",
@@ -73,7 +74,7 @@ def child_tunesmith(spec: dict) -> dict:
     model, tok = load_model_and_tokenizer(cfg.model, device=rt.device, precision=cfg.precision,
                                           dtype=base_dtype(cfg))
     model = apply_adapter(model, cfg.adapter)
-    choose_attention(model, rt, cfg.train.pack_length or cfg.data.max_length)  # as train_stage does
+    choose_attention(model, rt, cfg.train.fused)  # as train_stage does
     renderer = Renderer(tok, cfg.data.max_length)
     items = [method.render(renderer, ex) for ex in train_ds.examples]
     assert None not in items and len(items) == spec["steps"] * spec["batch"], "examples were dropped"
@@ -93,21 +94,25 @@ def child_tunesmith(spec: dict) -> dict:
     stamps.append(time.perf_counter())
     state = trainer.fit()
     peak = common.peak_rss_mib()  # before the fp32 check below
+    first = method.collate(items[:spec["batch"]], pad_id, pack_length)  # its layout, shared prompts included
     seqs = [s for item in items[:spec["batch"]] for s in common.sequences(item)]
+    if hasattr(items[0], "chosen"):  # the batch holds every chosen sequence, then every rejected one
+        seqs = seqs[0::2] + seqs[1::2]
     return {"losses": [r["loss"] for r in state.history], "ref_s": ref_s, "stamps": stamps,
-            "isolation": tunesmith_isolation(model, seqs, pad_id, pack_length), "tokens_identical": None,
+            "isolation": tunesmith_isolation(model, first, seqs, pad_id), "tokens_identical": None,
             "peak_rss_mib": peak}
 
 
-def tunesmith_isolation(model, seqs: list, pad_id: int, pack_length: int) -> float:
-    """Largest per-sequence difference between packed and alone log-probs, in nats per trained token (fp32)."""
+def tunesmith_isolation(model, batch, seqs: list, pad_id: int) -> float:
+    """Largest per-sequence difference between the log-probs in tunesmith's own batch (packed, prompts
+    shared) and alone, in nats per trained token (fp32). `seqs` in the batch's sequence order."""
     import torch
 
     from tunesmith.data.batching import collate
     from tunesmith.methods.logps import sequence_logps
 
     with torch.no_grad(), common.fp32(model):
-        packed = sequence_logps(model, collate(seqs, pad_id, pack_length))
+        packed = sequence_logps(model, batch)
         alone = torch.cat([sequence_logps(model, collate([s], pad_id)).logp_sum for s in seqs])
     return float(((packed.logp_sum - alone).abs() / packed.n_tokens.clamp(min=1)).max())
 
@@ -332,10 +337,12 @@ def report(args, data, rows, stats, flops, peak) -> None:
         print(f"losses {v:>9}: " + " ".join(f"{x:.4f}" for x in r["losses"]))
     v = info["versions"]
     unit = "pairs" if args.method != "sft" else "examples"
+    shared = " with shared prompts" if data.computed < stats.tokens else ""
     notes = (f"{common.today()} · {info['cpu']}, {info['cores']} cores · torch {v['torch']}, TRL {v['trl']}, "
              f"transformers {v['transformers']} · {args.steps} steps x {args.batch} {unit}, max length "
              f"{args.max_length}, {args.rounds} rounds, torch threads {args.threads or info['torch_threads']} · "
-             f"{stats.tokens} real tokens per run ({sum(stats.trained)} trained; TRL's copies {data.trl_tokens}) · "
+             f"{stats.tokens} real tokens per run ({sum(stats.trained)} trained; TRL's copies {data.trl_tokens}; "
+             f"tunesmith computes {data.computed}{shared}) · "
              f"{flops / stats.tokens / 1e6:.0f} MFLOP/token · bf16 matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(notes)
     if args.smoke or args.no_write:

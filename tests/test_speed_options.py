@@ -12,6 +12,7 @@ from transformers.models.llama import modeling_llama
 
 import tunesmith
 import tunesmith.model.adapters as adapters
+import tunesmith.model.fused as fused
 from tunesmith.data.batching import batch_order
 
 # ---------------------------------------------------------------- length-grouped batch order
@@ -71,15 +72,18 @@ def test_grouped_batches_are_still_shuffled():
 @pytest.fixture
 def layer_calls(monkeypatch):
     """Counts the MLP calls of the decoder layers: a recomputed layer runs its MLP again in the backward. (The
-    layer's own `forward` is the checkpointing wrapper transformers installs, so it is left alone.)"""
+    layer's own `forward` is the checkpointing wrapper transformers installs, so it is left alone.) Both MLP
+    forwards are counted: transformers' and the fused one `train.fused` swaps in."""
     calls = {"n": 0}
-    original = modeling_llama.LlamaMLP.forward
 
-    def counted(self, *args, **kwargs):
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
+    def counting(original):
+        def counted(self, *args, **kwargs):
+            calls["n"] += 1
+            return original(self, *args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counting(modeling_llama.LlamaMLP.forward))
+    monkeypatch.setattr(fused, "mlp_forward", counting(fused.mlp_forward))
     return calls
 
 

@@ -47,9 +47,16 @@ class AdapterConfig(Section):
     lora_plus_ratio: float | None = Field(None, gt=0)  # LoRA+: lr of B = ratio * lr
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
     double_quant: bool = True  # QLoRA
+    # QLoRA: also store the input embedding and output head in NF4. None (unset) = on for qlora.
+    quantize_embeddings: bool | None = None
     from_adapter: str | None = None  # start from an existing adapter dir (e.g. an SFT run)
     use_dora: bool = False  # DoRA magnitudes on top of lora/rslora/qlora (kind: dora is lora + this)
     use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) on top of lora/dora/qlora
+
+    @property
+    def embeddings_in_4bit(self) -> bool:
+        """Whether the base's embedding and output head are stored in NF4: qlora, unless switched off."""
+        return self.kind == "qlora" and self.quantize_embeddings is not False
 
 
 class MethodConfig(Section):
@@ -83,6 +90,7 @@ class TrainConfig(Section):
     logits_chunk: int = Field(1024, ge=1)
     grad_checkpointing: bool = False
     compile: bool = False
+    fused: bool = True  # model/fused.py: RMSNorm, SwiGLU and CPU attention that save less for backward
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)

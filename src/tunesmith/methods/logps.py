@@ -7,6 +7,7 @@ at once. Every method (SFT and the preference methods) gets its log-probs from h
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.batching import Batch
 from ..data.render import IGNORE
+from ..model.fused import lora_inputs_uncast, pick_attention
 
 
 @dataclass
@@ -52,8 +54,11 @@ def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Last hidden states [R, T, H] of the transformer body (adapters included, LM head not applied)."""
     lm = unwrap(model)
     body = getattr(lm, lm.base_model_prefix)
-    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask(),
-               position_ids=batch.position_ids, use_cache=False)
+    pick_attention(lm, batch.input_ids.shape[1])
+    autocast = torch.is_autocast_enabled(batch.input_ids.device.type)
+    with lora_inputs_uncast(model) if autocast else contextlib.nullcontext():
+        out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask(),
+                   position_ids=batch.position_ids, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

@@ -143,6 +143,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
     model, tokenizer = load_model_and_tokenizer(
         cfg.model, device=rt.device, precision=cfg.precision, dtype=base_dtype(cfg),
         quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
+        quantize_embeddings=cfg.adapter.embeddings_in_4bit,
         trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.adapter.from_adapter:
         model = load_adapter(model, cfg.adapter.from_adapter, trainable=True)
@@ -152,11 +153,11 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         from ..model.adapters import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
+    choose_attention(model, rt, cfg.train.fused)  # before compiling: it swaps module forwards
     if cfg.train.compile:
         from ..model.adapters import compile_layers
 
         compile_layers(model)
-    choose_attention(model, rt, cfg.train.pack_length or cfg.data.max_length)
     summary = trainable_summary(model)
     if rt.is_main:
         console.print(format_summary(summary))
@@ -191,6 +192,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
     info = {
         "name": cfg.name, "method": cfg.method, "model": cfg.model, "adapter_kind": cfg.adapter.kind,
         "base_dtype": base_dtype(cfg), "double_quant": cfg.adapter.double_quant,
+        "quantize_embeddings": cfg.adapter.embeddings_in_4bit,
         "base_model": model_identity(cfg.model, cfg.revision),
         "data": {"train": cfg.data.train, "format": train_ds.format, "examples": len(train_ds.examples),
                  "sha256": data_hash(train_ds.files), "render": train_stats,
@@ -245,18 +247,23 @@ def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
     console.print(msg)
 
 
-EAGER_MAX_ROW = 256
-
-
-def choose_attention(model: torch.nn.Module, rt, longest_row: int) -> str:
-    """On CPU, for rows of at most EAGER_MAX_ROW tokens, transformers' eager attention (matmul + softmax)
-    trains about 25% faster per step than torch's CPU flash-attention kernel, whose backward is slow for
-    small heads (measured on SmolLM2-135M, 16 x 62 tokens: 1.06 s vs 1.38 s). Its memory grows with the
-    square of the row length, so longer rows keep SDPA. Both read the same additive block-diagonal mask."""
+def choose_attention(model: torch.nn.Module, rt, fused: bool = True) -> str:
+    """With `train.fused` on CPU: tunesmith's matmul attention (model/fused.py) for rows of up to
+    MATMUL_ATTENTION_MAX_ROW tokens and SDPA for longer ones, picked per batch. torch's CPU flash-attention
+    kernel has a slow backward for 64-dim heads (SmolLM2-135M, 30 layers of 4 x 421 tokens, one thread:
+    2.1 s against 1.0 s), while the matmul attention's memory grows with the square of the row length.
+    Otherwise (CUDA, or fused off): SDPA. All of them read the same additive mask."""
     from ..methods.logps import unwrap
+    from ..model.fused import MATMUL_ATTENTION_MAX_ROW, fuse, register_attention
 
-    impl = "eager" if rt.device.type == "cpu" and longest_row <= EAGER_MAX_ROW else "sdpa"
     base = unwrap(model)
-    if getattr(base.config, "_attn_implementation", None) in ("sdpa", "eager"):
-        base.set_attn_implementation(impl)
-    return impl
+    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return base.config._attn_implementation  # e.g. flash_attention_2 chosen by the user's setup
+    if fused:
+        fuse(model)
+    if fused and rt.device.type == "cpu":
+        register_attention()
+        base.matmul_attention_max_row = MATMUL_ATTENTION_MAX_ROW
+        return f"tunesmith up to {MATMUL_ATTENTION_MAX_ROW} tokens, sdpa above"
+    base.set_attn_implementation("sdpa")
+    return "sdpa"
