@@ -100,7 +100,7 @@ def test_attention_gradcheck_float64():
 def test_fused_model_gives_the_same_logps_and_gradients():
     plain, fused = tiny_lora(seed=4).eval(), tiny_lora(seed=4).eval()
     counts = fuse(fused)
-    assert counts == {"rms_norm": 5, "mlp": 2}  # 2 layers x 2 norms + the final norm; 2 MLPs
+    assert counts == {"rms_norm": 5, "mlp": 2, "lora": 14}  # 2 layers x (2 norms, 1 MLP, 7 LoRA linears) + final norm
     choose_attention(fused, make_runtime("cpu", "fp32", threads=1))
     seqs = random_seqs([9, 23, 14, 31], seed=5)
     batch = collate(seqs, PAD, pack_length=48)

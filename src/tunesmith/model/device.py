@@ -44,9 +44,11 @@ def pick_device(requested: str = "auto") -> torch.device:
 def make_runtime(device: str = "auto", precision: str = "bf16", threads: str | int = "auto") -> Runtime:
     dev = pick_device(device)
     if dev.type == "cpu":
+        from .allocator import keep_freed_memory
         from .threads import set_threads
 
         set_threads(threads)
+        keep_freed_memory()
     if precision == "fp16" and dev.type == "cpu":
         precision = "bf16"
     if precision == "bf16" and dev.type == "mps":
