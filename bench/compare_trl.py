@@ -358,10 +358,13 @@ def report(args, data, rows, stats, flops, peak) -> None:
 INTRO = """`python bench/compare_trl.py --method sft|dpo|orpo` — see docs/performance.md for what each variant
 does and how the numbers are measured. tokens/s counts the real (non-pad) tokens of the epoch over the wall time
 of the reference pass (DPO) plus every optimizer step; MFU uses the model FLOPs of bench/mfu.py against the
-bf16 matmul peak measured on the same machine. "isolation" is the largest difference, in nats per trained
-token, between a sequence's log-probs in the first packed batch and alone, computed in fp32 after training
-(exact math gives about 1e-5 or less; a leak between packed sequences gives tenths to whole nats). ORPO: TRL's NLL term covers the prompt too, tunesmith's the
-completion only, so their loss values differ by definition."""
+bf16 matmul peak measured on the same machine. For DPO and ORPO every variant is credited with both whole
+sequences of each pair; tunesmith computes a pair's shared prompt once (the notes line gives how many tokens it
+actually runs), so its MFU there is an effective figure. "isolation" is the largest difference, in nats per
+trained token, between a sequence's log-probs in the first batch (packed; for tunesmith also prompt-shared) and
+alone, computed in fp32 after training (exact math gives about 1e-5 or less; a leak between packed sequences
+gives tenths to whole nats). ORPO: TRL's NLL term covers the prompt too, tunesmith's the completion only, so
+their loss values differ by definition."""
 
 
 if __name__ == "__main__":

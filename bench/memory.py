@@ -1,8 +1,8 @@
 """Peak memory and step time of full / LoRA / DoRA / QLoRA fine-tuning of the default model on CPU.
 
-Each variant runs in a fresh subprocess (so peaks do not leak between variants): load the model, apply the
-adapter, run a few AdamW steps on random tokens under bf16 autocast, report peak RSS and the median step
-time. Prints a table and rewrites the `## Memory` section of docs/BENCHMARKS.md.
+Each variant runs in a fresh subprocess (so peaks do not leak between variants): load the model the way
+training does (tunesmith's loader, fused layers, its log-prob path), apply the adapter, run a few AdamW steps
+on random tokens (every token trained) under bf16 autocast, report peak RSS and the median step time. Prints a table and rewrites the `## Memory` section of docs/BENCHMARKS.md.
 
     nice python bench/memory.py [--steps 3] [--batch 4] [--seq 128] [--threads 1] [--no-write]
 """
@@ -25,10 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-VARIANTS = ["full", "lora", "dora", "qlora"]
+VARIANTS = ["full", "lora", "dora", "qlora", "qlora-bf16-emb"]
 # What each variant stores: trained weights in fp32 (AdamW needs it), a frozen base in bf16 or NF4.
 SETUP = {"full": "fp32 weights + AdamW", "lora": "bf16 base, fp32 adapters", "dora": "bf16 base, fp32 adapters",
-         "qlora": "NF4 base (bf16 embeddings), fp32 adapters"}
+         "qlora": "NF4 base incl. embedding/head, fp32 adapters",
+         "qlora-bf16-emb": "NF4 linear layers, bf16 embedding/head (quantize_embeddings: false)"}
 
 
 def _rss_mib() -> float:
@@ -64,25 +65,28 @@ def _hwm_mib() -> float:
 
 def child(kind: str, steps: int, batch: int, seq: int, threads: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from tunesmith.config import AdapterConfig
+    from tunesmith.data.batching import collate
+    from tunesmith.data.render import Tokenized
+    from tunesmith.methods.logps import sequence_logps
     from tunesmith.model.adapters import apply_adapter, optimizer_param_groups, trainable_summary
-    from tunesmith.model.default import default_model_dir
-    from tunesmith.model.quantize import base_footprint_bytes, keep_4bit_layout, nf4_config
+    from tunesmith.model.device import make_runtime
+    from tunesmith.model.load import load_model_and_tokenizer
+    from tunesmith.model.quantize import base_footprint_bytes
+    from tunesmith.train.recipe import choose_attention
 
     torch.manual_seed(0)
-    torch.set_num_threads(threads)
+    rt = make_runtime("cpu", "bf16", threads)
     after_imports = _rss_mib()
-    path = default_model_dir()
-    if kind == "qlora":
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(), dtype=torch.bfloat16,
-                                                     device_map="cpu")
-        keep_4bit_layout(model)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if kind == "full" else torch.bfloat16)
-    cfg = AdapterConfig(kind=kind)
+    cfg = AdapterConfig(kind="qlora", quantize_embeddings=False) if kind == "qlora-bf16-emb" \
+        else AdapterConfig(kind=kind)
+    model, tok = load_model_and_tokenizer("default", device="cpu", precision="bf16",
+                                          dtype="fp32" if kind == "full" else "bf16",
+                                          quantize_nf4=cfg.kind == "qlora",
+                                          quantize_embeddings=cfg.embeddings_in_4bit)
     model = apply_adapter(model, cfg)
+    choose_attention(model, rt)
     with torch.no_grad():  # page in weights that loading left memory-mapped, so RSS counts them
         for p in model.parameters():
             p.view(-1)[::1024].sum()
@@ -90,14 +94,16 @@ def child(kind: str, steps: int, batch: int, seq: int, threads: int) -> dict:
     reset = _release_and_reset_peak()
     after_load = _rss_mib()
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg, lr=1e-5, weight_decay=0.0))
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = len(tok)
     times, cpu_times, losses = [], [], []
     model.train()
     for step in range(steps + 1):  # step 0 warms up (allocator, kernels) and is not timed
-        ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(step))
+        g = torch.Generator().manual_seed(step)
+        seqs = [Tokenized(tuple(ids), tuple(ids)) for ids in torch.randint(0, vocab, (batch, seq), generator=g).tolist()]
         start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+        with rt.autocast():
+            out = sequence_logps(model, collate(seqs, tok.pad_token_id, None))
+        loss = -out.logp_sum.sum() / out.n_tokens.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -180,13 +186,15 @@ def main() -> None:
     body = "\n".join([
         f"Default model (SmolLM2-135M-Instruct), CPU, batch {args.batch} x {args.seq} tokens, bf16 autocast, "
         f"AdamW, median of {args.steps} steps after one warm-up step; each variant in a fresh process "
-        f"(`nice python bench/memory.py`). Adapters: r=16, alpha=32, all linear layers.",
+        f"(`nice python bench/memory.py`). Adapters: r=16, alpha=32, all linear layers. Loaded and run as "
+        f"training runs them: tunesmith's loader, fused layers, every token's log-prob through the chunked "
+        f"LM head.",
         "",
         f"Measured {dt.date.today().isoformat()} on {machine()}; torch {torch.__version__}, {args.threads} torch "
         f"thread(s). Peak RSS includes "
         f"the Python process itself (~{rows[0]['rss_after_imports_mib']} MiB after imports); the training peak "
-        f"is measured after loading (peak counter reset), the loading peak separately. The machine is shared, "
-        f"so wall-clock step times are noisy; process CPU seconds per step are the steadier comparison.",
+        f"is measured after loading (peak counter reset), the loading peak separately. Wall-clock step times "
+        f"vary with whatever else the machine runs; process CPU seconds per step are the steadier comparison.",
         "",
         table(rows),
     ])

@@ -158,3 +158,37 @@ def test_training_with_and_without_fused_gives_the_same_run(tiny_dir, tmp_path):
 def test_build_model_norms_are_the_known_kind():
     """fuse() only touches module classes it knows; the tiny test model must be one of them."""
     assert type(build_model(vocab_size=64).model.norm).__name__ == "LlamaRMSNorm"
+
+
+def _bf16_close(a: torch.Tensor, b: torch.Tensor, rel: float = 0.05) -> None:
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert (a.float() - b.float()).norm() <= rel * b.float().norm(), ((a - b).abs().max(), b.abs().max())
+
+
+def test_full_fine_tuning_under_autocast_mixes_dtypes_and_still_matches():
+    """fp32 trainable weights under bf16 autocast: q and k leave RoPE in fp32 while v is bf16."""
+    plain, fused = build_model(vocab_size=512, seed=8), build_model(vocab_size=512, seed=8)
+    choose_attention(fused, make_runtime("cpu", "bf16", threads=1))
+    batch = collate(random_seqs([20, 33, 12], seed=9), PAD, pack_length=64)
+    out = {}
+    for name, model in (("plain", plain), ("fused", fused)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = -sequence_logps(model, batch).logp_sum.sum()
+        loss.backward()
+        out[name] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(out["fused"][0], out["plain"][0], rtol=2e-2, atol=0)
+    _bf16_close(out["fused"][1], out["plain"][1])
+
+
+def test_lora_on_a_bf16_base_without_autocast_takes_peft_path():
+    """Generation after training may run without autocast: bf16 base, fp32 adapters, mixed dtypes."""
+    plain, fused = tiny_lora(seed=10).eval(), tiny_lora(seed=10).eval()
+    for model in (plain, fused):
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                p.data = p.data.to(torch.bfloat16)
+    fuse(fused)
+    ids = torch.randint(4, 500, (2, 9), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        want, got = plain(input_ids=ids).logits, fused(input_ids=ids).logits
+    torch.testing.assert_close(got, want)

@@ -115,6 +115,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    # one dtype for the three (full fine-tuning under autocast gives fp32 q, k after RoPE and a bf16 v)
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
+        torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     mask = attention_mask
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -144,7 +149,10 @@ def lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's LoRA linear forward, base(x) + scale * B(A(x)), with the B matmul, the scale and the sum in one
     addmm. Anything but one plain LoRA adapter without dropout, unmerged and enabled, takes PEFT's own path."""
     adapters = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
+    same_dtype = torch.is_autocast_enabled(x.device.type) or (
+        adapters and adapters[0] in self.lora_A
+        and x.dtype == self.lora_A[adapters[0]].weight.dtype == self.base_layer.weight.dtype)
+    if (args or kwargs or not same_dtype or self.disable_adapters or self.merged or len(adapters) != 1
             or adapters[0] in self.lora_variant or adapters[0] not in self.lora_A
             or not isinstance(self.lora_dropout[adapters[0]], nn.Identity)):
         return type(self).forward(self, x, *args, **kwargs)
