@@ -1,8 +1,9 @@
 """Per-sequence log-probs of the trained tokens, computed in chunks.
 
 The transformer body runs once; the LM head and log-softmax then run only on the positions whose next token
-is trained, a chunk at a time under activation checkpointing, so the full [tokens x vocab] logits never exist
-at once. Every method (SFT and the preference methods) gets its log-probs from here.
+is trained, a chunk at a time, so the full [tokens x vocab] logits never exist at once: a frozen linear head
+recomputes each chunk's logits in the backward (`FrozenHeadLogps`), any other head (trained in full
+fine-tuning or `modules_to_save`, 4-bit) runs each chunk under activation checkpointing. Every method (SFT and the preference methods) gets its log-probs from here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.batching import Batch
@@ -67,6 +69,36 @@ def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) 
     return torch.gather(logits.log_softmax(-1), -1, targets[:, None]).squeeze(-1)
 
 
+class FrozenHeadLogps(torch.autograd.Function):
+    """log p(target) = logit[target] - logsumexp(logits) through a frozen linear head: the [n, vocab] logits
+    are made in the forward and again in the backward and never kept, and the backward forms
+    g * (onehot - softmax) in one fp32 buffer (what checkpointing log_softmax + gather costs in about half
+    the passes over [n, vocab])."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        device = h.device.type
+        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        logits = F.linear(h, weight)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        lse = torch.logsumexp(logits, -1)
+        ctx.save_for_backward(h, weight, targets, lse)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight, targets, lse = ctx.saved_tensors
+        dtype = ctx.autocast or h.dtype
+        logits = F.linear(h.to(dtype), weight.to(dtype))
+        p = torch.sub(logits, lse[:, None]).exp_().mul_(-grad[:, None])
+        p.scatter_add_(1, targets[:, None], grad[:, None].to(p.dtype))
+        return (p.to(dtype) @ weight.to(dtype)).to(h.dtype), None, None
+
+
+def _frozen_linear(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+
+
 def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of every trained token and the sequence it belongs to, both [N_target]."""
     h = hidden_states(model, batch)
@@ -78,7 +110,9 @@ def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> tupl
     pieces = []
     for k in range(0, targets.shape[0], chunk):
         hc, tc = h_sel[k:k + chunk], targets[k:k + chunk]
-        if torch.is_grad_enabled() and hc.requires_grad:
+        if _frozen_linear(head):
+            pieces.append(FrozenHeadLogps.apply(hc, head.weight, tc))
+        elif torch.is_grad_enabled() and hc.requires_grad:
             pieces.append(checkpoint(_chunk_logps, head, hc, tc, use_reentrant=False))
         else:
             pieces.append(_chunk_logps(head, hc, tc))
