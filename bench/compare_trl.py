@@ -60,13 +60,16 @@ def child_tunesmith(spec: dict) -> dict:
     from tunesmith.train.loop import Trainer
     from tunesmith.train.recipe import _optimizer, base_dtype, choose_attention, seed_everything
 
-    cfg = RunConfig.model_validate({
+    raw = {
         "model": spec["model_dir"], "device": "cpu", "precision": "bf16", "method": spec["method"],
         "output_dir": spec["workdir"], "data": {"train": spec["train_file"], "max_length": spec["max_length"]},
         "adapter": {"kind": "lora", "r": 16, "alpha": 32, "target": "all-linear"},
         "method_args": {"reference_cache": False},
         "train": {"lr": spec["lr"], "max_steps": spec["steps"], "micro_batch_size": spec["batch"],
-                  "schedule": "constant", "warmup_ratio": 0.0, "seed": spec["seed"]}})
+                  "schedule": "constant", "warmup_ratio": 0.0, "seed": spec["seed"]}}
+    for section, values in spec.get("overrides", {}).items():  # bench/ablation.py switches techniques off
+        raw[section] = {**raw.get(section, {}), **values}
+    cfg = RunConfig.model_validate(raw)
     rt = make_runtime("cpu", cfg.precision, torch.get_num_threads())  # the threads TRL gets, not a probe
     seed_everything(cfg.train.seed)
     method = get_method(cfg.method, cfg.method_args)
