@@ -3,9 +3,10 @@
 By default glibc hands large freed blocks straight back to the kernel (blocks above a dynamic mmap threshold
 are unmapped; the heap top is trimmed once 128 KiB are free). A training step frees and reallocates the same
 activation-sized buffers hundreds of times, so every step page-faults them in again: on SmolLM2-135M DPO
-(4 pairs, 2 threads) 1.75 million minor faults, about a quarter of the wall time spent in the kernel. Keeping
+(4 pairs, 2 threads) 1.75 million minor faults, about a tenth of its CPU time spent in the kernel. Keeping
 freed memory in the process — the effect PyTorch's CPU tuning guide gets from jemalloc or tcmalloc — removes
-that; peak memory is unchanged, since the memory is reused rather than held twice.
+much of that (blocks over 32 MiB still get their own mapping); the peak stays about where it was, since the
+memory is reused rather than held twice.
 
 Set once per process with mallopt; a no-op where the C library is not glibc. TUNESMITH_MALLOC=default leaves
 glibc's settings alone.
