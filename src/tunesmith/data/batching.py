@@ -108,8 +108,10 @@ def _units(seqs: Sequence[Tokenized], share: Sequence[tuple[int, int]]) -> list[
     shared prompt of a pair followed by the rest of each sequence as its own branch."""
     paired: dict[int, list[_Segment]] = {}
     for i, j in share:
+        if i == j or i in paired or j in paired:
+            continue
         k = shared_prefix(seqs[i], seqs[j])
-        if k > 0 and i not in paired and j not in paired and i != j:
+        if k > 0:
             unit = [_Segment(i, 0, k, 0), _Segment(i, k, len(seqs[i]), 1), _Segment(j, k, len(seqs[j]), 2)]
             paired[i] = paired[j] = unit
     units, placed = [], set()

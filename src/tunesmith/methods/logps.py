@@ -3,7 +3,8 @@
 The transformer body runs once; the LM head and log-softmax then run only on the positions whose next token
 is trained, a chunk at a time, so the full [tokens x vocab] logits never exist at once: a frozen linear head
 recomputes each chunk's logits in the backward (`FrozenHeadLogps`), any other head (trained in full
-fine-tuning or `modules_to_save`, 4-bit) runs each chunk under activation checkpointing. Every method (SFT and the preference methods) gets its log-probs from here.
+fine-tuning or `modules_to_save`, 4-bit) runs each chunk under activation checkpointing. Every method (SFT
+and the preference methods) gets its log-probs from here.
 """
 
 from __future__ import annotations

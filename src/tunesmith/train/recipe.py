@@ -248,7 +248,8 @@ def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
 
 
 def choose_attention(model: torch.nn.Module, rt, fused: bool = True) -> str:
-    """With `train.fused` on CPU: tunesmith's matmul attention (model/fused.py) for rows of up to
+    """Set up the layers training runs: with `train.fused`, the fused RMSNorm / SwiGLU / LoRA forwards
+    (`model.fused.fuse`) and, on CPU, tunesmith's matmul attention (model/fused.py) for rows of up to
     MATMUL_ATTENTION_MAX_ROW tokens and SDPA for longer ones, picked per batch. torch's CPU flash-attention
     kernel has a slow backward for 64-dim heads (SmolLM2-135M, 30 layers of 4 x 421 tokens, one thread:
     2.1 s against 1.0 s), while the matmul attention's memory grows with the square of the row length.
