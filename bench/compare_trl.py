@@ -74,8 +74,8 @@ def child_tunesmith(spec: dict) -> dict:
     seed_everything(cfg.train.seed)
     method = get_method(cfg.method, cfg.method_args)
     train_ds, _ = load_data(cfg.data, cfg.train.seed)
-    model, tok = load_model_and_tokenizer(cfg.model, device=rt.device, precision=cfg.precision,
-                                          dtype=base_dtype(cfg))
+    model, tok = load_model_and_tokenizer(cfg.model, device=rt.device, precision=rt.precision,
+                                          dtype=base_dtype(cfg, rt.precision))
     model = apply_adapter(model, cfg.adapter)
     choose_attention(model, rt, cfg.train.fused)  # as train_stage does
     renderer = Renderer(tok, cfg.data.max_length)

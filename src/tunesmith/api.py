@@ -58,7 +58,7 @@ class ChatModel:
         self.adapters.use(name)
 
 
-def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "bf16") -> ChatModel:
+def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "auto") -> ChatModel:
     """A run folder (base + its adapter) or a model spec ("default", HF dir, .gguf, hub id)."""
     from .model.device import make_runtime
     from .model.load import load_model_and_tokenizer
@@ -75,7 +75,7 @@ def open_model(target: str | Path | None = None, device: str = "auto", precision
 
 
 def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str = "auto",
-                  precision: str = "bf16") -> ChatModel:
+                  precision: str = "auto") -> ChatModel:
     """Load the base once and attach several adapters (run folders or adapter folders); switch with .use()."""
     from .model.device import make_runtime
     from .model.load import load_model_and_tokenizer

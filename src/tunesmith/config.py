@@ -129,7 +129,7 @@ class RunConfig(Section):
     revision: str | None = None
     trust_remote_code: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     threads: Literal["auto"] | int = "auto"  # CPU threads for torch: auto = measured once per machine
     method: Method = "sft"
     data: DataConfig = Field(default_factory=DataConfig)

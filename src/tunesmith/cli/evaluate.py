@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--system-prompt", help="system message for prompts without one (default: the run's)")
     p.add_argument("--out", help="output folder (default: <run>/eval for one run, else ./eval)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a busy shared "
                                               "CPU, 1 is often much faster)")
     p.set_defaults(handler=run)

@@ -25,7 +25,7 @@ class Engine:
     """Loads `base` once and attaches the adapter of every tuned candidate (a run used by several candidates,
     e.g. with and without few-shot, is attached once)."""
 
-    def __init__(self, base: str, candidates: Sequence[Candidate], device: str = "auto", precision: str = "bf16",
+    def __init__(self, base: str, candidates: Sequence[Candidate], device: str = "auto", precision: str = "auto",
                  batch_size: int = 16, max_new_tokens: int = 64, system_prompt: str | None = None):
         runs = [c for c in candidates if c.run is not None]
         self.rt = make_runtime(device, precision)

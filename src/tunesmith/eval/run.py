@@ -100,7 +100,7 @@ def evaluate(data: DataLike, candidates: str | Sequence[str] = ("base", "base+fe
              train_data: DataLike | None = None, out_dir: str | Path | None = None, batch_size: int = 16,
              max_new_tokens: int = 64, max_examples: int | None = None, judge: str | Judge | None = None,
              require_win: bool = False, regression: DataLike | None = None, console: Console | None = None,
-             fewshot_seed: int = 0, sample_seed: int = 0, device: str = "auto", precision: str = "bf16",
+             fewshot_seed: int = 0, sample_seed: int = 0, device: str = "auto", precision: str = "auto",
              data_format: str = "auto", columns: dict[str, str] | None = None, system_prompt: str | None = None,
              tuned_run: str | Path | None = None) -> EvalResult:
     """Compare the candidates on held-out `data` and write results.json / report.md / report.html into

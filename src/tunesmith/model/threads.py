@@ -11,13 +11,16 @@ import time
 
 import torch
 
+from .device import cpu_has_native_bf16
+
 _CHOSEN: int | None = None
 
 
 def _probe(threads: int) -> float:
     torch.set_num_threads(threads)
-    a = torch.randn(16, 64, 576, dtype=torch.bfloat16)
-    w = torch.randn(1536, 576, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # the dtype training will use
+    a = torch.randn(16, 64, 576, dtype=dtype)
+    w = torch.randn(1536, 576, dtype=dtype)
     for _ in range(2):  # warm-up
         (a * a + a).sum()
         a @ w.T

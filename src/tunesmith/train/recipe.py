@@ -51,11 +51,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def base_dtype(cfg: RunConfig) -> str:
-    """Frozen base weights are stored in the compute precision (half the memory); trained weights in fp32."""
-    if cfg.adapter.kind == "full" or cfg.precision == "fp32":
+def base_dtype(cfg: RunConfig, precision: str) -> str:
+    """Frozen base weights are stored in the (resolved) compute precision (half the memory); trained weights
+    in fp32."""
+    if cfg.adapter.kind == "full" or precision == "fp32":
         return "fp32"
-    return cfg.precision
+    return precision
 
 
 def train(cfg: RunConfig, console: Console | None = None, progress: bool = True, resume: str | None = None) -> Run:
@@ -141,7 +142,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
 
     model, tokenizer = load_model_and_tokenizer(
-        cfg.model, device=rt.device, precision=cfg.precision, dtype=base_dtype(cfg),
+        cfg.model, device=rt.device, precision=rt.precision, dtype=base_dtype(cfg, rt.precision),
         quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
         quantize_embeddings=cfg.adapter.embeddings_in_4bit,
         trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
@@ -191,7 +192,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         tokenizer.save_pretrained(run.adapter)
     info = {
         "name": cfg.name, "method": cfg.method, "model": cfg.model, "adapter_kind": cfg.adapter.kind,
-        "base_dtype": base_dtype(cfg), "double_quant": cfg.adapter.double_quant,
+        "base_dtype": base_dtype(cfg, rt.precision), "double_quant": cfg.adapter.double_quant,
         "quantize_embeddings": cfg.adapter.embeddings_in_4bit,
         "base_model": model_identity(cfg.model, cfg.revision),
         "data": {"train": cfg.data.train, "format": train_ds.format, "examples": len(train_ds.examples),
