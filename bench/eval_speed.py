@@ -62,7 +62,7 @@ def timed_generation(gen, prompts: list, tok) -> dict:
 def throughput(batch_sizes: list[int], n: int, precision: str, ab_batch_size: int) -> dict:
     """Generated tokens per second of the Generator alone (model already loaded): per batch size; and with
     the shared-prefix cache on and off (zero- and 5-shot prompts, interleaved, best of two)."""
-    from tunesmith.eval.generate import Generator
+    from tunesmith.model.generate import Generator
     from tunesmith.model.load import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("default", device="cpu", precision=precision,

@@ -8,9 +8,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunesmith.data.batching import collate
 from tunesmith.data.render import Renderer
 from tunesmith.data.types import Conversation, Message
-from tunesmith.methods.logps import sequence_logps, unwrap
+from tunesmith.methods.logps import sequence_logps
 from tunesmith.model.device import make_runtime
 from tunesmith.model.fused import ATTENTION, MATMUL_ATTENTION_MAX_ROW, register_attention
+from tunesmith.model.unwrap import unwrap
 from tunesmith.train.recipe import choose_attention
 
 

@@ -168,7 +168,7 @@ def test_candidates_share_one_base_load_and_swap_adapters(env, tmp_path, monkeyp
 
 def test_shared_prefix_generation_equals_plain_generation(env, monkeypatch):
     from tunesmith.eval.candidates import Candidate
-    from tunesmith.eval.generate import Generator
+    from tunesmith.model.generate import Generator
 
     system = Message("system", "Answer with the label only. " * 4)
     prompts = [(system, Message("user", p)) for p in env.eval_prompts[:6]]

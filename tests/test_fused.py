@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, eag
 from speed_utils import PAD, grads, naive_seq_logp, random_seqs, tiny_lora
 from tiny import build_model
 from tunesmith.data.batching import collate
-from tunesmith.methods.logps import sequence_logps, unwrap
+from tunesmith.methods.logps import sequence_logps
 from tunesmith.model.device import make_runtime
 from tunesmith.model.fused import (
     AttentionFn,
@@ -21,6 +21,7 @@ from tunesmith.model.fused import (
     mlp_forward,
     rms_norm_forward,
 )
+from tunesmith.model.unwrap import unwrap
 from tunesmith.train.recipe import choose_attention
 
 

@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_leaves
 from speed_utils import PAD, VOCAB, lora_params, random_seqs, tiny_lora
 from tunesmith.data.batching import collate
 from tunesmith.data.render import IGNORE
-from tunesmith.methods.logps import sequence_logps, unwrap
+from tunesmith.methods.logps import sequence_logps
+from tunesmith.model.unwrap import unwrap
 
 LENGTHS = [19, 33, 8, 26, 14]
 

@@ -11,7 +11,8 @@ from speed_utils import PAD, grads, naive_seq_logp, random_seqs, solo_logits, ti
 from tunesmith.data.batching import _pack, collate
 from tunesmith.data.render import IGNORE, TokenizedPair
 from tunesmith.methods import get_method
-from tunesmith.methods.logps import hidden_states, sequence_logps, token_logps, unwrap
+from tunesmith.methods.logps import hidden_states, sequence_logps, token_logps
+from tunesmith.model.unwrap import unwrap
 
 LENGTHS = [9, 23, 5, 14, 31, 7, 12]
 

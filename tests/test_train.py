@@ -118,7 +118,7 @@ def test_chat_repl_keeps_the_conversation(tiny_dir, tmp_path, monkeypatch, capsy
     typed = iter(["hello world", "/reset", "how are you", ""])
     seen = []
 
-    from tunesmith.eval.generate import Generator
+    from tunesmith.model.generate import Generator
 
     real = Generator.generate
 

@@ -43,7 +43,7 @@ class ChatModel:
     """A loaded model (optionally with adapters) that answers lists of messages."""
 
     def __init__(self, model, tokenizer, device, precision: str, adapters=None):
-        from .eval.generate import Generator
+        from .model.generate import Generator
 
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.generator = Generator(model, tokenizer, device=device, precision=precision)

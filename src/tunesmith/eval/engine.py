@@ -15,10 +15,10 @@ from ..data.types import Conversation, Message
 from ..errors import TunesmithError
 from ..methods.logps import sequence_logps
 from ..model.device import make_runtime
+from ..model.generate import Generator
 from ..model.load import load_model_and_tokenizer
 from ..model.swap import AdapterSet
 from .candidates import Candidate
-from .generate import Generator
 
 
 class Engine:

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..data.batching import Batch
 from ..data.render import IGNORE
 from ..model.fused import lora_inputs_uncast, pick_attention
+from ..model.unwrap import unwrap
 
 
 @dataclass
@@ -38,19 +39,6 @@ class SeqLogps:
 
     def detach(self) -> SeqLogps:
         return SeqLogps(self.logp_sum.detach(), self.n_tokens.detach())
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under PEFT / DDP / compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -255,8 +255,8 @@ def choose_attention(model: torch.nn.Module, rt, fused: bool = True) -> str:
     kernel has a slow backward for 64-dim heads (SmolLM2-135M, 30 layers of 4 x 421 tokens, one thread:
     2.1 s against 1.0 s), while the matmul attention's memory grows with the square of the row length.
     Otherwise (CUDA, or fused off): SDPA. All of them read the same additive mask."""
-    from ..methods.logps import unwrap
     from ..model.fused import MATMUL_ATTENTION_MAX_ROW, fuse, register_attention
+    from ..model.unwrap import unwrap
 
     base = unwrap(model)
     if getattr(base.config, "_attn_implementation", None) not in ("sdpa", "eager"):

@@ -17,6 +17,7 @@ import torch
 
 from ..data.render import Renderer, end_of_turn_ids
 from ..data.types import Message
+from .unwrap import unwrap
 
 MIN_SHARED_PREFIX = 16  # shorter shared prefixes are not worth a separate forward pass
 
@@ -103,8 +104,6 @@ class Generator:
     def _prefix_cache(self, prefix: list[int], rows: int):
         """The KV cache of `prefix` (run once, with the active adapter) repeated for `rows` rows; None for
         models whose cache cannot be repeated (then the batch runs without sharing)."""
-        from ..methods.logps import unwrap
-
         accepts = inspect.signature(unwrap(self.model).forward).parameters
         extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
         ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
@@ -118,7 +117,5 @@ class Generator:
     @property
     def _cache_arg(self) -> str:
         """Later transformers 5.x releases renamed `past_key_values` to `cache` (the old name warns)."""
-        from ..methods.logps import unwrap
-
         names = inspect.signature(unwrap(self.model).forward).parameters
         return "cache" if "cache" in names else "past_key_values"
