@@ -42,48 +42,69 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
 class ChatModel:
     """A loaded model (optionally with adapters) that answers lists of messages."""
 
-    def __init__(self, model, tokenizer, device, precision: str, adapters=None):
+    def __init__(self, model, tokenizer, device, precision: str, adapters=None, system_prompt: str | None = None,
+                 adapter_system_prompts: dict[str, str | None] | None = None):
         from .model.generate import Generator
 
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
-        self.generator = Generator(model, tokenizer, device=device, precision=precision)
+        self.generator = Generator(model, tokenizer, device=device, precision=precision, system_prompt=system_prompt)
+        self._adapter_system_prompts = adapter_system_prompts or {}
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The system message put in front of prompts that have none (the one training used, for a run)."""
+        return self.generator.renderer.system_prompt or None
+
+    @system_prompt.setter
+    def system_prompt(self, text: str | None) -> None:
+        self.generator.renderer.system_prompt = text or None
 
     def generate(self, prompts: list[list[dict]], **kwargs: Any) -> list[str]:
         return self.generator.generate(prompts, **kwargs)
 
     def use(self, name: str | None) -> None:
-        """Switch to adapter `name` (None = the base model). Only for models opened with open_adapters."""
+        """Switch to adapter `name` (None = the base model), and to the system message that adapter's run
+        trained with. Only for models opened with open_adapters."""
         if self.adapters is None:
             raise ValueError("this model was not opened with adapters; use tunesmith.open_adapters")
         self.adapters.use(name)
+        self.system_prompt = self._adapter_system_prompts.get(name) if name else None
 
 
-def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "auto") -> ChatModel:
-    """A run folder (base + its adapter) or a model spec ("default", HF dir, .gguf, hub id)."""
+def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "auto",
+               system_prompt: str | None = None) -> ChatModel:
+    """A run folder (base + its adapter) or a model spec ("default", HF dir, .gguf, hub id).
+
+    system_prompt: put in front of prompts that have no system message. None (default): for a run, the
+    system message every training example carried (run.json `system_prompt`), else none; "" sends none."""
     from .model.device import make_runtime
     from .model.load import load_model_and_tokenizer
-    from .model.runs import is_run_dir, load_run
+    from .model.runs import is_run_dir, load_run, run_system_prompt
 
     rt = make_runtime(device, precision)
     dtype = "fp32" if rt.precision == "fp32" else rt.precision
     if target is not None and is_run_dir(target):
-        model, tok, _ = load_run(target, device=rt.device, precision=rt.precision, dtype=dtype)
+        model, tok, info = load_run(target, device=rt.device, precision=rt.precision, dtype=dtype)
+        if system_prompt is None:
+            system_prompt = run_system_prompt(target, info)
     else:
         model, tok = load_model_and_tokenizer(str(target) if target else "default", device=rt.device,
                                               precision=rt.precision, dtype=dtype)
-    return ChatModel(model, tok, rt.device, rt.precision)
+    return ChatModel(model, tok, rt.device, rt.precision, system_prompt=system_prompt or None)
 
 
 def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str = "auto",
                   precision: str = "auto") -> ChatModel:
-    """Load the base once and attach several adapters (run folders or adapter folders); switch with .use()."""
+    """Load the base once and attach several adapters (run folders or adapter folders); switch with .use(),
+    which also switches to the system message the adapter's run trained with (none for the base)."""
     from .model.device import make_runtime
     from .model.load import load_model_and_tokenizer
-    from .model.runs import is_run_dir, run_info
+    from .model.runs import is_run_dir, run_info, run_system_prompt
     from .model.swap import AdapterSet
 
     rt = make_runtime(device, precision)
     dirs = {n: Path(p) / "adapter" if is_run_dir(p) else Path(p) for n, p in adapters.items()}
+    systems = {n: run_system_prompt(p) for n, p in adapters.items() if is_run_dir(p)}
     if base is None:
         runs = [run_info(p) for p in adapters.values() if is_run_dir(p)]
         base = runs[0]["model"] if runs else "default"
@@ -92,8 +113,8 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     aset = AdapterSet(model)
     for name, d in dirs.items():
         aset.add(name, d)
-    return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
+    return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset, adapter_system_prompts=systems)
 
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "evaluate", "load_config", "open_adapters", "open_model",
-           "parse_config", "train"]
+__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "evaluate", "load_config", "open_adapters",
+           "open_model", "parse_config", "train"]

@@ -21,6 +21,20 @@ def run_info(path: str | Path) -> dict:
     return json.loads((p / "run.json").read_text())
 
 
+def run_system_prompt(path: str | Path, info: dict | None = None) -> str | None:
+    """The system message every training example carried (run.json records it), so serving can send it too.
+    Runs recorded before run.json had the field fall back to the config's data.system_prompt."""
+    info = run_info(path) if info is None else info
+    if "system_prompt" in info:
+        return info["system_prompt"] or None
+    import yaml
+
+    config_path = Path(path) / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    data = config.get("data") if isinstance(config, dict) else None
+    return (data.get("system_prompt") if isinstance(data, dict) else None) or None
+
+
 def load_run(path: str | Path, device="cpu", precision: str = "bf16", dtype: str | None = None):
     """(model, tokenizer, info) for a run: its base model with its adapter attached (inference mode).
     The tokenizer (and chat template) come from the run's adapter folder: what training used."""

@@ -114,6 +114,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
                 resume: str | None = None) -> Run:
     from ..data.load import load_data, write_rejects
     from ..data.render import Renderer
+    from ..data.system import common_system_prompt
     from ..model.adapters import (
         apply_adapter,
         format_summary,
@@ -198,6 +199,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         "data": {"train": cfg.data.train, "format": train_ds.format, "examples": len(train_ds.examples),
                  "sha256": data_hash(train_ds.files), "render": train_stats,
                  "eval_examples": len(eval_items or [])},
+        "system_prompt": common_system_prompt(train_ds.examples, cfg.data.system_prompt),
         "trainable": summary, "state": state.as_dict(), "steps": trainer.total_steps,
         "wall_time_s": round(time.time() - started, 2), "device": str(rt.device), "precision": rt.precision,
         "final": state.history[-1] if state.history else {}, "complete": True,
