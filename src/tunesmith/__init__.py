@@ -16,12 +16,14 @@ from .api import (  # noqa: E402
     Run,
     RunConfig,
     evaluate,
+    export_run,
     load_config,
     open_adapters,
     open_model,
     parse_config,
+    push,
     train,
 )
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "__version__", "evaluate", "load_config", "open_adapters",
-           "open_model", "parse_config", "train"]
+__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "__version__", "evaluate", "export_run", "load_config",
+           "open_adapters", "open_model", "parse_config", "push", "train"]

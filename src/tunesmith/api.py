@@ -116,5 +116,23 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset, adapter_system_prompts=systems)
 
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "evaluate", "load_config", "open_adapters",
-           "open_model", "parse_config", "train"]
+def export_run(run: str | Path, format: str, out: str | Path | None = None, dtype: str | None = None,
+           name: str | None = None):
+    """`tunesmith export RUN --format ...`: peft | merged | gguf | gguf-lora | ollama, each with a model card
+    (README.md) and, for GGUF, the serving-parity checks. Returns an ExportResult (path, checks, commands)."""
+    from .export.run import export_run as run_export
+
+    return run_export(run, format, out, dtype, name)
+
+
+def push(run: str | Path, repo_id: str, what: str = "adapter", private: bool = False, dry_run: bool = False,
+         dtype: str | None = None):
+    """`tunesmith push RUN REPO_ID`: export the run (adapter | merged | gguf) and upload it to the Hugging Face
+    Hub; dry_run lists what would be uploaded and sends nothing. Returns a PushResult."""
+    from .export.push import push_run
+
+    return push_run(run, repo_id, what=what, private=private, dry_run=dry_run, dtype=dtype)
+
+
+__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "evaluate", "export_run", "load_config", "open_adapters",
+           "open_model", "parse_config", "push", "train"]
