@@ -1,6 +1,7 @@
-"""A Python emulation of the subset of Go's text/template that tunesmith's Ollama templates use (range with $i,
-if/else if/else, := and =, eq/ne/and/not/len/slice, {{- -}} trimming), and Ollama's rule for the Modelfile's
-SYSTEM. `make test-clients` also runs the templates through Go's own text/template (tests/test_export_clients.py)."""
+"""Ollama template test helpers: a Python emulation of the subset of Go's text/template that tunesmith's Ollama
+templates use (range with $i, if/else if/else, := and =, eq/ne/and/not/len/slice, {{- -}} trimming), Ollama's
+rule for the Modelfile's SYSTEM, and the Jinja reference templates and conversations both the emulated test
+(test_export_ollama.py) and the Go one (test_export_clients.py, `make test-clients`) compare against."""
 
 from __future__ import annotations
 
@@ -166,3 +167,49 @@ def ollama_messages(messages: list[dict], system: str | None) -> list[dict]:
     if system and (not messages or messages[0]["role"] != "system"):
         return [{"role": "system", "content": system}, *messages]
     return list(messages)
+
+
+# ---------------------------------------------------------------- HF references
+
+LLAMA3_JINJA = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+MISTRAL_JINJA = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+GEMMA_JINJA = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content']"
+    " | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+PHI3_JINJA = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + "
+    "'<|end|>\\n' }}{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + '<|end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+SYS = {"role": "system", "content": "Answer briefly.\nUse English."}
+U1 = {"role": "user", "content": "What is 2+2? Say \"four\"."}
+A1 = {"role": "assistant", "content": "four"}
+U2 = {"role": "user", "content": "And {{ 3+3 }} in words, café?"}
+A2 = {"role": "assistant", "content": "six, I"}  # a prefill the model continues
+CONVERSATIONS = [[U1], [U1, A1, U2], [SYS, U1, A1, U2], [U1, A1, U2, A2], [SYS, U1, A1, U2, A2]]
+
+
+def hf_render(tokenizer, messages, template=None, bos=None):
+    prefill = messages[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, bos_token=bos or "",
+                                         add_generation_prompt=not prefill, continue_final_message=prefill)
+    return text.removeprefix(bos) if bos else text
+
+
+def with_template(tokenizer, template):
+    clone = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    clone.chat_template = template
+    return clone

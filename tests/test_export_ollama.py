@@ -10,7 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from go_template import ollama_messages, render_go
+from go_template import (
+    A1,
+    CONVERSATIONS,
+    GEMMA_JINJA,
+    LLAMA3_JINJA,
+    MISTRAL_JINJA,
+    PHI3_JINJA,
+    SYS,
+    U1,
+    U2,
+    hf_render,
+    ollama_messages,
+    render_go,
+    with_template,
+)
 from tunesmith.errors import TunesmithError
 from tunesmith.export.ollama import detect_family, go_template_for, ollama_model_name, write_modelfile
 
@@ -23,39 +37,6 @@ def test_emulator_on_hand_checked_templates():
     assert render_go(t, [{"role": "u", "content": "a"}, {"role": "u", "content": "b"}]) == "<b>1"
 
 
-# ---------------------------------------------------------------- HF references
-
-LLAMA3_JINJA = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
-MISTRAL_JINJA = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('roles must alternate') }}{% endif %}{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
-)
-GEMMA_JINJA = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content']"
-    " | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
-)
-PHI3_JINJA = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + "
-    "'<|end|>\\n' }}{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '<|end|>\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + '<|end|>\\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-
-SYS = {"role": "system", "content": "Answer briefly.\nUse English."}
-U1 = {"role": "user", "content": "What is 2+2? Say \"four\"."}
-A1 = {"role": "assistant", "content": "four"}
-U2 = {"role": "user", "content": "And {{ 3+3 }} in words, café?"}
-A2 = {"role": "assistant", "content": "six, I"}  # a prefill the model continues
-CONVERSATIONS = [[U1], [U1, A1, U2], [SYS, U1, A1, U2], [U1, A1, U2, A2], [SYS, U1, A1, U2, A2]]
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dir):
     from transformers import AutoTokenizer
@@ -63,46 +44,33 @@ def tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir)
 
 
-def _hf_render(tokenizer, messages, template=None, bos=None):
-    prefill = messages[-1]["role"] == "assistant"
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, bos_token=bos or "",
-                                         add_generation_prompt=not prefill, continue_final_message=prefill)
-    return text.removeprefix(bos) if bos else text
-
-
-def _with_template(tokenizer, template):
-    clone = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    clone.chat_template = template
-    return clone
-
-
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_chatml_go_template_equals_hf_rendering(tokenizer, messages):
     family, template = go_template_for(tokenizer)
     assert family.name == "chatml" and "You are a helpful assistant." in template  # default system carried over
-    assert render_go(template, messages) == _hf_render(tokenizer, messages)
+    assert render_go(template, messages) == hf_render(tokenizer, messages)
 
 
 def test_chatml_without_default_system(tokenizer):
     plain = tokenizer.chat_template.split("{% if loop.first")[0] + "{{ '<|im_start|>' + message['role']" + \
         tokenizer.chat_template.split("{{ '<|im_start|>' + message['role']", 1)[1]
-    clone = _with_template(tokenizer, plain)
+    clone = with_template(tokenizer, plain)
     _, template = go_template_for(clone)
     assert "system" not in template
     for messages in CONVERSATIONS:
-        assert render_go(template, messages) == _hf_render(clone, messages)
+        assert render_go(template, messages) == hf_render(clone, messages)
 
 
 @pytest.mark.parametrize("jinja,family,systemless", [(LLAMA3_JINJA, "llama3", False), (GEMMA_JINJA, "gemma", True),
                                                      (PHI3_JINJA, "phi3", False), (MISTRAL_JINJA, "mistral", True)])
 def test_other_families_equal_hf_rendering(tokenizer, jinja, family, systemless):
-    clone = _with_template(tokenizer, jinja)
+    clone = with_template(tokenizer, jinja)
     found, template = go_template_for(clone)
     assert found.name == family
     for messages in CONVERSATIONS:
         if systemless and messages[0]["role"] == "system":
             continue  # these formats have no system role in HF
-        assert render_go(template, messages) == _hf_render(clone, messages, bos="<s>"), messages
+        assert render_go(template, messages) == hf_render(clone, messages, bos="<s>"), messages
 
 
 def test_unknown_or_missing_template_is_an_error():
@@ -124,7 +92,7 @@ def test_write_modelfile(tokenizer, tmp_path):
     assert text.count("PARAMETER stop") == 1 and 'PARAMETER stop "<|im_end|>"' in text
     assert result.command == f"ollama create tiny-chat -f {tmp_path / 'ollama' / 'Modelfile'}"
     template = re.search(r'TEMPLATE """(.*)"""', text, re.S).group(1)
-    assert render_go(template, [SYS, U1, A1, U2]) == _hf_render(tokenizer, [SYS, U1, A1, U2])
+    assert render_go(template, [SYS, U1, A1, U2]) == hf_render(tokenizer, [SYS, U1, A1, U2])
     with pytest.raises(TunesmithError, match="does not exist"):
         write_modelfile(tmp_path / "missing.gguf", tmp_path / "o2", tokenizer)
     assert isinstance(result.modelfile, Path)
@@ -148,7 +116,7 @@ def test_modelfile_system_replaces_the_templates_default(tokenizer, tmp_path):
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
     for messages in CONVERSATIONS:
         trained = messages if messages[0]["role"] == "system" else [{"role": "system", "content": system}, *messages]
-        assert render_go(template, ollama_messages(messages, served)) == _hf_render(tokenizer, trained)
+        assert render_go(template, ollama_messages(messages, served)) == hf_render(tokenizer, trained)
     assert "You are a helpful assistant." not in render_go(template, ollama_messages([U1], served))
     assert "SYSTEM" not in write_modelfile(gguf_file, tmp_path / "p", tokenizer).modelfile.read_text()
     with pytest.raises(TunesmithError, match="cannot quote"):
