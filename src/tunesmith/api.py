@@ -72,11 +72,12 @@ class ChatModel:
 
 
 def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "auto",
-               system_prompt: str | None = None) -> ChatModel:
+               system_prompt: str | None = None, allow_pickle_weights: bool = False) -> ChatModel:
     """A run folder (base + its adapter) or a model spec ("default", HF dir, .gguf, hub id).
 
     system_prompt: put in front of prompts that have no system message. None (default): for a run, the
-    system message every training example carried (run.json `system_prompt`), else none; "" sends none."""
+    system message every training example carried (run.json `system_prompt`), else none; "" sends none.
+    allow_pickle_weights: also load a model spec whose weights are pickle files (a run uses its config's)."""
     from .model.device import make_runtime
     from .model.load import load_model_and_tokenizer
     from .model.runs import is_run_dir, load_run, run_system_prompt
@@ -89,7 +90,8 @@ def open_model(target: str | Path | None = None, device: str = "auto", precision
             system_prompt = run_system_prompt(target, info)
     else:
         model, tok = load_model_and_tokenizer(str(target) if target else "default", device=rt.device,
-                                              precision=rt.precision, dtype=dtype)
+                                              precision=rt.precision, dtype=dtype,
+                                              allow_pickle_weights=allow_pickle_weights)
     return ChatModel(model, tok, rt.device, rt.precision, system_prompt=system_prompt or None)
 
 
@@ -99,17 +101,19 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     which also switches to the system message the adapter's run trained with (none for the base)."""
     from .model.device import make_runtime
     from .model.load import load_model_and_tokenizer
-    from .model.runs import is_run_dir, run_info, run_system_prompt
+    from .model.runs import base_load_options, is_run_dir, run_info, run_system_prompt
     from .model.swap import AdapterSet
 
     rt = make_runtime(device, precision)
     dirs = {n: Path(p) / "adapter" if is_run_dir(p) else Path(p) for n, p in adapters.items()}
     systems = {n: run_system_prompt(p) for n, p in adapters.items() if is_run_dir(p)}
+    options: dict = {}
     if base is None:
-        runs = [run_info(p) for p in adapters.values() if is_run_dir(p)]
-        base = runs[0]["model"] if runs else "default"
+        runs = [p for p in adapters.values() if is_run_dir(p)]
+        base = run_info(runs[0])["model"] if runs else "default"
+        options = base_load_options(runs[0]) if runs else {}
     model, tok = load_model_and_tokenizer(base, device=rt.device, precision=rt.precision,
-                                          dtype="fp32" if rt.precision == "fp32" else rt.precision)
+                                          dtype="fp32" if rt.precision == "fp32" else rt.precision, **options)
     aset = AdapterSet(model)
     for name, d in dirs.items():
         aset.add(name, d)

@@ -128,6 +128,7 @@ class RunConfig(Section):
     model: str = "default"
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # also load a base model whose weights are pickle (*.bin) files
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     threads: Literal["auto"] | int = "auto"  # CPU threads for torch: auto = measured once per machine

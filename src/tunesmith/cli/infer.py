@@ -31,6 +31,8 @@ def _common(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="also load a model whose weights are pickle (*.bin) files; only for files you trust")
 
 
 def generate(args, console: Console) -> int:
@@ -43,7 +45,8 @@ def generate(args, console: Console) -> int:
         if args.system is not None:
             gen.system_prompt = args.system
     else:
-        gen = open_model(args.target, device=args.device, precision=args.precision, system_prompt=args.system)
+        gen = open_model(args.target, device=args.device, precision=args.precision, system_prompt=args.system,
+                         allow_pickle_weights=args.allow_pickle_weights)
     _say_system(gen, args, console)
     prompts = [[{"role": "user", "content": p}] for p in args.prompt]
     for reply in gen.generate(prompts, temperature=args.temperature, max_new_tokens=args.max_new_tokens):
@@ -77,7 +80,8 @@ def _adapter_set(args):
 def chat(args, console: Console) -> int:
     from ..api import open_model
 
-    gen = open_model(args.target, device=args.device, precision=args.precision, system_prompt=args.system)
+    gen = open_model(args.target, device=args.device, precision=args.precision, system_prompt=args.system,
+                     allow_pickle_weights=args.allow_pickle_weights)
     _say_system(gen, args, console)
     history: list[dict] = []
     console.print("[dim]chat: empty line or Ctrl-D to quit, /reset to start over[/dim]")

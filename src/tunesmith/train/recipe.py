@@ -146,7 +146,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         cfg.model, device=rt.device, precision=rt.precision, dtype=base_dtype(cfg, rt.precision),
         quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
         quantize_embeddings=cfg.adapter.embeddings_in_4bit,
-        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, allow_pickle_weights=cfg.allow_pickle_weights)
     if cfg.adapter.from_adapter:
         model = load_adapter(model, cfg.adapter.from_adapter, trainable=True)
     else:
