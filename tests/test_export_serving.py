@@ -218,3 +218,23 @@ def test_push_refuses_clearly_without_network_or_token(run, monkeypatch, tmp_pat
         push_run(run.path, "me/tiny-sys")
     assert cli_main(["push", str(run.path), "not a repo id", "--dry-run"]) != 0
     assert "not a Hub repo id" in capsys.readouterr().err
+
+
+def test_chat_cli_sends_it_too(run, monkeypatch, capsys):
+    from tunesmith.api import ChatModel
+
+    replies = iter(["hello world 1", "/reset", "hello world 2", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    seen = []
+    original = ChatModel.generate
+    monkeypatch.setattr(ChatModel, "generate", lambda self, prompts, **kw: seen.append(
+        self.generator.prompt_ids(prompts[0])) or original(self, prompts, **kw))
+    assert cli_main(["chat", str(run.path), "--max-new-tokens", "2", "--device", "cpu", "--precision", "fp32"]) == 0
+    out = capsys.readouterr()
+    assert SYSTEM in out.err and out.out.count("model>") == 2
+    tokenizer = tunesmith.open_model(run.path, device="cpu", precision="fp32").tokenizer
+    for ids, text in zip(seen, ["hello world 1", "hello world 2"], strict=True):  # /reset: system + one turn
+        expected = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                                  {"role": "user", "content": text}],
+                                                 add_generation_prompt=True, tokenize=False)
+        assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
