@@ -207,6 +207,7 @@ def test_push_refuses_clearly_without_network_or_token(run, monkeypatch, tmp_pat
     from tunesmith.errors import TunesmithError
     from tunesmith.export.push import push_run
 
+    shutil.rmtree(run.path / "export", ignore_errors=True)
     with pytest.raises(TunesmithError, match="offline mode is on"):
         push_run(run.path, "me/tiny-sys")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -216,6 +217,7 @@ def test_push_refuses_clearly_without_network_or_token(run, monkeypatch, tmp_pat
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
     with pytest.raises(TunesmithError, match="no Hugging Face token"):
         push_run(run.path, "me/tiny-sys")
+    assert not (run.path / "export").exists()  # refused before spending time on an export
     assert cli_main(["push", str(run.path), "not a repo id", "--dry-run"]) != 0
     assert "not a Hub repo id" in capsys.readouterr().err
 

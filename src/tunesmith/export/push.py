@@ -61,6 +61,7 @@ def push_run(run_dir: str | Path, repo_id: str, what: str = "adapter", private: 
     if what not in WHAT:
         raise TunesmithError(f"cannot push '{what}'", hint=f"choose one of {', '.join(WHAT)}")
     _check_repo_id(repo_id)
+    api = None if dry_run else _hub_api()  # before exporting: a missing token should not cost an export
     run_dir = Path(run_dir)
     out = run_dir / "export" / WHAT[what]
     if out.exists():
@@ -69,14 +70,14 @@ def push_run(run_dir: str | Path, repo_id: str, what: str = "adapter", private: 
     result = PushResult(repo_id, what, private, out, folder_files(out), checks=exported.checks)
     if dry_run:
         return result
-    result.url = _upload(out, repo_id, private, f"{what} from tunesmith run {run_dir.name}")
+    result.url = _upload(api, out, repo_id, private, f"{what} from tunesmith run {run_dir.name}")
     result.uploaded = True
     return result
 
 
-def _upload(folder: Path, repo_id: str, private: bool, message: str) -> str:
+def _hub_api():
+    """An HfApi with the user's token; clear errors when offline or without a token."""
     from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
         raise TunesmithError("cannot upload: offline mode is on (HF_HUB_OFFLINE)",
@@ -84,7 +85,12 @@ def _upload(folder: Path, repo_id: str, private: bool, message: str) -> str:
     token = get_token()
     if not token:
         raise TunesmithError("no Hugging Face token found", hint="set HF_TOKEN (a write token) or run `hf auth login`")
-    api = HfApi(token=token)
+    return HfApi(token=token)
+
+
+def _upload(api, folder: Path, repo_id: str, private: bool, message: str) -> str:
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
