@@ -88,27 +88,33 @@ def banking_run(tmp_path_factory):
         "train": {"lr": 2e-3, "max_steps": 12, "micro_batch_size": 8, "warmup_ratio": 0.0}}, progress=False)
 
 
+@pytest.fixture(scope="module")
+def banking_gguf(banking_run, tmp_path_factory) -> Path:
+    """The run exported to GGUF in f32, so llama.cpp holds exactly the merged checkpoint's weights."""
+    from tunesmith.export.run import export_run
+
+    return export_run(banking_run.path, "gguf", tmp_path_factory.mktemp("gguf"), dtype="f32").path
+
+
 @pytest.mark.slow
-def test_llama_cpp_decodes_a_fine_tuned_default_model_like_transformers(banking_run, tmp_path):
+def test_llama_cpp_decodes_a_fine_tuned_default_model_like_transformers(banking_run, banking_gguf, tmp_path):
     """The run exported to GGUF (f32, so both sides hold the same weights) gives the same greedy tokens in
     llama.cpp as the merged checkpoint in transformers, prompt by prompt, and the fine-tune is in the file: the
     base model answers differently."""
     llama_cpp = _client("llama_cpp")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.export.run import export_run
     from tunesmith.model.default import default_model_dir
     from tunesmith.model.merge import merge_run
     from tunesmith.model.runs import run_system_prompt
 
-    gguf_path = export_run(banking_run.path, "gguf", tmp_path / "gguf", dtype="f32").path
     merged_dir, _ = merge_run(banking_run.path, tmp_path / "merged", dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     system = run_system_prompt(banking_run.path)
     assert system and system.startswith("Classify the customer's banking message")
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(banking_gguf), n_ctx=512, verbose=False)
     stop = {tokenizer.eos_token_id}
     changed = 0
     for prompt in PROMPTS:
@@ -123,17 +129,15 @@ def test_llama_cpp_decodes_a_fine_tuned_default_model_like_transformers(banking_
 
 
 @pytest.mark.slow
-def test_llama_cpp_chat_serving_answers_like_tunesmith(banking_run, tmp_path):
+def test_llama_cpp_chat_serving_answers_like_tunesmith(banking_run, banking_gguf):
     """llama.cpp's own chat path (the chat template stored in the GGUF, its tokenizer, its sampler at
     temperature 0) answers each message as `tunesmith generate` does, given the training system message."""
     llama_cpp = _client("llama_cpp")
     import tunesmith
-    from tunesmith.export.run import export_run
 
-    gguf_path = export_run(banking_run.path, "gguf", tmp_path / "gguf", dtype="f32").path
     model = tunesmith.open_model(banking_run.path, device="cpu", precision="fp32")
     expected = model.generate([[{"role": "user", "content": p}] for p in PROMPTS], max_new_tokens=12)
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(banking_gguf), n_ctx=512, verbose=False)
     for prompt, want in zip(PROMPTS, expected, strict=True):
         reply = llm.create_chat_completion(
             messages=[{"role": "system", "content": model.system_prompt}, {"role": "user", "content": prompt}],
