@@ -1,20 +1,14 @@
-"""The typed schema for a run: YAML in, `--set a.b=c` overrides, one validation pass that reports every
-problem at once with its YAML path and a hint."""
+"""The typed schema for a run: one pydantic section per component, extra keys forbidden."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from .errors import ConfigError, Problem
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"]
 AdapterKind = Literal["lora", "rslora", "dora", "qlora", "full"]
-PREFERENCE_METHODS = {"dpo", "ipo", "orpo", "simpo"}
-REFERENCE_METHODS = {"dpo", "ipo", "kto"}
 
 
 class Section(BaseModel):
@@ -54,22 +48,48 @@ class AdapterConfig(Section):
     use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) on top of lora/dora/qlora
 
     @property
+    def dora(self) -> bool:
+        """DoRA magnitudes: `kind: dora`, or `use_dora` on another LoRA kind."""
+        return self.kind == "dora" or self.use_dora
+
+    @property
+    def rslora(self) -> bool:
+        """Rank-stabilised scale alpha / sqrt(r): `kind: rslora`, or `use_rslora` on another LoRA kind."""
+        return self.kind == "rslora" or self.use_rslora
+
+    @property
     def embeddings_in_4bit(self) -> bool:
         """Whether the base's embedding and output head are stored in NF4: qlora, unless switched off."""
         return self.kind == "qlora" and self.quantize_embeddings is not False
 
 
 class MethodConfig(Section):
-    # None: the method's own default (SimPO 2.0, DPO/IPO/KTO 0.1; ORPO uses orpo_lambda instead)
-    beta: float | None = Field(None, gt=0)
+    beta: float | None = Field(None, gt=0)  # None: the method's own default (methods/preference.py)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     orpo_lambda: float = Field(0.1, gt=0)
     simpo_gamma: float = Field(0.5, ge=0)
     kto_desirable_weight: float = Field(1.0, gt=0)
     kto_undesirable_weight: float = Field(1.0, gt=0)
+    # weight of the chosen answer's per-token NLL added to a preference loss (RPO; TRL's rpo_alpha)
+    sft_weight: float = Field(0.0, ge=0)
+    dpop_lambda: float = Field(0.0, ge=0)  # DPO-Positive: penalise the chosen log-prob falling below the reference
+    # precomputed: one pass before training, cached on disk; live: computed each step (no cache, no pre-pass)
+    reference: Literal["precomputed", "live"] = "precomputed"
     reference_cache: bool = True
     # paired methods: compute the prompt that chosen and rejected share once (exact; off = two full sequences)
     share_prompt: bool = True
+
+
+_REFERENCE_KEYS = {"reference", "reference_cache"}
+# The method_args each method reads; setting any other one is an error (it would be silently ignored).
+METHOD_ARGS: dict[str, set[str]] = {
+    "sft": set(),
+    "dpo": {"beta", "label_smoothing", "sft_weight", "dpop_lambda", "share_prompt"} | _REFERENCE_KEYS,
+    "ipo": {"beta", "sft_weight", "share_prompt"} | _REFERENCE_KEYS,
+    "orpo": {"orpo_lambda", "share_prompt"},
+    "simpo": {"beta", "simpo_gamma", "label_smoothing", "sft_weight", "share_prompt"},
+    "kto": {"beta", "kto_desirable_weight", "kto_undesirable_weight"} | _REFERENCE_KEYS,
+}
 
 
 class TrainConfig(Section):
@@ -144,192 +164,26 @@ class RunConfig(Section):
     def _adapter_shorthand(cls, v: Any) -> Any:
         return {"kind": v} if isinstance(v, str) else v
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> RunConfig:
-        from .config_checks import cross_check  # the checks need the finished classes
-
-        problems = cross_check(self)
-        if problems:
-            # Raised as a ValueError so pydantic reports it next to any field errors.
-            raise ValueError("\x00".join(f"{p.where}\x01{p.what}\x01{p.hint or ''}" for p in problems))
-        return self
-
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
 
-def _suggest(key: str, options: Any) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(options))}"
-
-
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("str", "list[str]", "DataConfig", "literal['sft']"):
-            continue  # union branch names pydantic adds to locations
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
+def stage_config(cfg: RunConfig, i: int) -> RunConfig:
+    """Stage i of `stages:` as a full RunConfig: what the stage sets over the top level. The stage's `train`
+    and `method_args` are validated with the same sections as the top level (pydantic ValidationError)."""
+    st = cfg.stages[i]
+    data = cfg.data
+    if isinstance(st.data, str):
+        data = cfg.data.model_copy(update={"train": st.data, "eval": None})
+    elif isinstance(st.data, DataConfig):
+        data = st.data
+    train = TrainConfig.model_validate({**cfg.train.model_dump(exclude_unset=True), **st.train})
+    margs = MethodConfig.model_validate({**cfg.method_args.model_dump(exclude_unset=True), **stage_method_args(st)})
+    return cfg.model_copy(update={"method": st.method, "data": data, "train": train, "method_args": margs,
+                                  "stages": []})
 
 
-def _problems_from(err: ValidationError) -> list[Problem]:
-    problems: list[Problem] = []
-    seen: set[tuple[str, str]] = set()
-    for e in err.errors():
-        msg = str(e.get("msg", ""))
-        if "\x01" in msg:  # cross-check problems packed by RunConfig._cross_checks
-            body = msg.split("Value error, ", 1)[-1]
-            for chunk in body.split("\x00"):
-                where, what, hint = chunk.split("\x01")
-                problems.append(Problem(where, what, hint or None))
-            continue
-        where = _loc(tuple(e["loc"]))
-        hint = None
-        if e["type"] == "extra_forbidden":
-            what = "unknown key"
-            parent = _section_for(tuple(e["loc"][:-1]))
-            if parent is not None:
-                hint = _suggest(str(e["loc"][-1]), parent.model_fields)
-        else:
-            what = msg
-            if e["type"].startswith("literal_error"):
-                hint = "choose one of the listed values"
-            elif "type" in e["type"] or e["type"].endswith("_parsing"):
-                hint = f"got {e.get('input')!r}"
-        if (where, what) not in seen:
-            seen.add((where, what))
-            problems.append(Problem(where, what, hint))
-    return problems
-
-
-def _section_for(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        found = None
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            for inner in (cand, *getattr(cand, "__args__", ())):
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    found = inner
-        if found is None:
-            return None
-        model = found
-    return model
-
-
-def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a dict; raise ConfigError listing every problem."""
-    if not isinstance(raw, dict):
-        raise ConfigError([Problem(source, "the config must be a mapping of keys to values",
-                                   "start from examples/banking77/config.yaml")])
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_problems_from(e), title=f"invalid config {source}") from None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=c` overrides; values are parsed as YAML (so 1e-4, true, [a, b] work)."""
-    problems = []
-    for item in overrides:
-        if "=" not in item:
-            problems.append(Problem(f"--set {item}", "expected KEY=VALUE", "e.g. --set train.lr=1e-4"))
-            continue
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            current = node.get(part)
-            if part == "adapter" and isinstance(current, str):
-                current = {"kind": current}  # the `adapter: lora` shorthand
-            if current is None:
-                current = {}
-            if not isinstance(current, dict):
-                problems.append(Problem(f"--set {item}", f"'{part}' is a value, not a section"))
-                break
-            node[part] = current
-            node = current
-        else:
-            _set_leaf(node, parts[-1], value)
-    if problems:
-        raise ConfigError(problems, title="invalid --set overrides")
-    return raw
-
-
-def _set_leaf(node: dict, key: str, value: str) -> None:
-    try:
-        node[key] = yaml.safe_load(value) if value != "" else None
-    except yaml.YAMLError:
-        node[key] = value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> RunConfig:
-    """Load a YAML run config (or start from `base`), apply overrides, validate once."""
-    raw: dict[str, Any] = dict(base or {})
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.exists():
-            raise ConfigError([Problem(str(path), "file not found", "check the path to your config YAML")])
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError([Problem(where, f"not valid YAML: {getattr(e, 'problem', e)}",
-                                       "check indentation and quoting")]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError([Problem(str(path), "the config must be a mapping of keys to values",
-                                       "start from examples/banking77/config.yaml")])
-        raw.update(loaded)
-        # Relative data paths in a config file are relative to the file, as a user expects.
-        _resolve_relative_paths(raw, path.parent)
-    raw = apply_overrides(raw, overrides or [])
-    return parse_config(raw, source)
-
-
-def _resolve_relative_paths(raw: dict[str, Any], root: Path) -> None:
-    def fix(v: Any) -> Any:
-        if isinstance(v, str) and not Path(v).is_absolute() and (root / v).exists():
-            return str(root / v)
-        if isinstance(v, list):
-            return [fix(x) for x in v]
-        return v
-
-    data = raw.get("data")
-    if isinstance(data, dict):
-        for key in ("train", "eval"):
-            if key in data:
-                data[key] = fix(data[key])
-    ev = raw.get("eval")
-    if isinstance(ev, dict):
-        for key in ("data", "regression"):
-            if key in ev:
-                ev[key] = fix(ev[key])
-    for st in raw.get("stages") or []:
-        if isinstance(st, dict):
-            if isinstance(st.get("data"), str):
-                st["data"] = fix(st["data"])
-            elif isinstance(st.get("data"), dict):
-                for key in ("train", "eval"):
-                    if key in st["data"]:
-                        st["data"][key] = fix(st["data"][key])
-    if isinstance(raw.get("model"), str) and (root / raw["model"]).exists():
-        raw["model"] = str(root / raw["model"])
-
-
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def stage_method_args(st: StageConfig) -> dict[str, Any]:
+    """The method_args a stage sets itself (`beta:` is a shorthand for `method_args.beta`)."""
+    return {**st.method_args, **({"beta": st.beta} if st.beta is not None else {})}
