@@ -83,7 +83,7 @@ def chat(args, console: Console) -> int:
     gen = open_model(args.target, device=args.device, precision=args.precision, system_prompt=args.system,
                      allow_pickle_weights=args.allow_pickle_weights)
     _say_system(gen, args, console)
-    history: list[dict] = []
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     console.print("[dim]chat: empty line or Ctrl-D to quit, /reset to start over[/dim]")
     while True:
         try:
@@ -93,7 +93,7 @@ def chat(args, console: Console) -> int:
         if not text:
             break
         if text == "/reset":
-            history = []
+            history = history[:1] if args.system else []  # the renderer adds the run's system message itself
             continue
         history.append({"role": "user", "content": text})
         reply = gen.generate([history], temperature=args.temperature, max_new_tokens=args.max_new_tokens)[0]
