@@ -192,8 +192,10 @@ def saved_activations(arch: Architecture, s: Setting, b: BatchShape) -> dict[str
     """Everything the forward keeps for the backward, over the whole batch, by part."""
     n, L, st = b.positions, arch.layers, s.base_bytes
     out: dict[str, int] = {}
+    out["rotary cos/sin"] = 2 * n * arch.head_dim * s.compute_bytes  # one pair for every layer
     if s.grad_checkpointing:
         out["layer inputs (checkpointed)"] = L * n * arch.hidden * st
+        out["attention mask (kept for recomputation)"] = mask_bytes(b)
     else:
         for part, v in layer_saved_per_position(arch, s, b.width).items():
             out[part] = round(L * n * v)
@@ -290,8 +292,9 @@ def step_memory(arch: Architecture, s: Setting, b: BatchShape, world: int = 1, p
     acts = sum(saved.values())
     head_f, head_b = head_transient(arch, s, b)
     layer_f, layer_b = layer_transient(arch, s, b)
-    per_layer = (acts - saved.get("final norm", 0) - saved.get("lm head inputs", 0)
-                 - saved.get("autocast weight copies", 0)) / max(arch.layers, 1)
+    shared = ("final norm", "lm head inputs", "autocast weight copies", "rotary cos/sin",
+              "attention mask (kept for recomputation)")
+    per_layer = (acts - sum(saved.get(k, 0) for k in shared)) / max(arch.layers, 1)
     recompute = 0
     if s.grad_checkpointing:
         unckpt = Setting(**{**s.__dict__, "grad_checkpointing": False})
@@ -299,9 +302,10 @@ def step_memory(arch: Architecture, s: Setting, b: BatchShape, world: int = 1, p
     layer_grads = grads / (arch.layers + 1) if s.is_full else 0
     head_grad = (arch.embedding_numel if arch.tied else arch.head_numel) * 4 if s.is_full else 0
     n_h = b.positions * arch.hidden * s.base_bytes
+    mask = 0 if s.grad_checkpointing else mask_bytes(b)  # with checkpointing it is among the saved tensors
     phases = {
-        "forward end (LM head)": static + acts + n_h + mask_bytes(b) + head_f,
-        "attention forward": static + acts + mask_bytes(b) + layer_f,
+        "forward end (LM head)": static + acts + n_h + mask + head_f,
+        "attention forward": static + acts + mask + layer_f,
         "LM head backward": static + acts + max(head_b, head_grad + 2 * 4 * min(s.logits_chunk, b.targets) * arch.vocab),
         "last layer backward": static + acts + head_grad + layer_grads + layer_b + recompute,
         "first layer backward": static + per_layer + grads + layer_b + recompute,
