@@ -280,15 +280,21 @@ def step_memory(arch: Architecture, s: Setting, b: BatchShape, world: int = 1, p
     master = trainable * 4 if not s.is_full else 0  # adapters are fp32 tensors of their own
     extra: dict[str, int] = {}
     static_weights = sum(weights.values())
-    if parallel == "fsdp" and world > 1:
+    fsdp = parallel == "fsdp" and world > 1
+    local = trainable
+    if fsdp:  # FSDP2 per decoder layer, gathering parameters in the compute dtype (MixedPrecisionPolicy)
+        weights = {k: v // world for k, v in weights.items()}
         static_weights, grads, states, master = (x // world for x in (static_weights, grads, states, master))
-        extra["unsharded layers (current + prefetch)"] = 2 * arch.layer_numel() * s.base_bytes
+        local = trainable // world
+        extra["unsharded layers (current + prefetch)"] = 2 * arch.layer_numel() * s.compute_bytes
         head = arch.embedding_numel + arch.head_numel
-        extra["unsharded embedding and head"] = head * s.base_bytes - head * s.base_bytes // world
+        extra["unsharded embedding and head"] = head * s.compute_bytes
     elif parallel == "ddp" and world > 1:
         extra["gradient buckets"] = trainable * 4
     static = static_weights + master + states + sum(extra.values())
     saved = saved_activations(arch, s, b)
+    if fsdp:  # parameters are gathered in the compute dtype already: autocast makes no copies
+        saved.pop("autocast weight copies", None)
     acts = sum(saved.values())
     head_f, head_b = head_transient(arch, s, b)
     layer_f, layer_b = layer_transient(arch, s, b)
@@ -309,10 +315,10 @@ def step_memory(arch: Architecture, s: Setting, b: BatchShape, world: int = 1, p
         "LM head backward": static + acts + max(head_b, head_grad + 2 * 4 * min(s.logits_chunk, b.targets) * arch.vocab),
         "last layer backward": static + acts + head_grad + layer_grads + layer_b + recompute,
         "first layer backward": static + per_layer + grads + layer_b + recompute,
-        "optimizer step": static + grads + _optimizer_temp(arch, s, trainable),
+        "optimizer step": static + grads + _optimizer_temp(arch, s, local),
     }
     peak_phase = max(phases, key=phases.get)
-    return StepMemory(weights, trainable, grads, states, saved, peak_phase, phases[peak_phase] - static - acts,
+    return StepMemory(weights, local, grads, states, saved, peak_phase, phases[peak_phase] - static - acts,
                       phases, extra)
 
 
@@ -321,4 +327,4 @@ def _optimizer_temp(arch: Architecture, s: Setting, trainable: int) -> int:
     updates one tensor at a time (a temporary the size of the largest)."""
     if s.device == "cuda" and s.optimizer == "adamw":
         return trainable * 4
-    return max(trainable_tensor_sizes(arch, s) or [0]) * 4 * 2
+    return min(trainable, max(trainable_tensor_sizes(arch, s) or [0])) * 4 * 2
