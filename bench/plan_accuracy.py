@@ -17,7 +17,6 @@ is compared with the run's median step time — measure that on an idle machine.
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import json
 import os

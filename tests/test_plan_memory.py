@@ -27,7 +27,6 @@ from tunesmith.plan import memory
 from tunesmith.plan.architecture import load_architecture
 from tunesmith.train.recipe import base_dtype, choose_attention
 
-
 # ---------------------------------------------------------------- hand-computed values
 
 def test_nf4_bytes_by_hand():
