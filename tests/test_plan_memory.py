@@ -123,11 +123,12 @@ def _batch(rows, width, vocab, trained_from=0):
     return collate(seqs, 0, None)
 
 
-def _measure(tiny_dir, kind, ckpt, rows=2, width=48, chunk=1024):
+def _measure(tiny_dir, kind, ckpt, precision="fp32", rows=2, width=48, chunk=1024):
     """Live bytes after a real forward and at the peak of the second training step (states exist)."""
     adapter = AdapterConfig(kind=kind)
-    rt = Runtime(torch.device("cpu"), "fp32")
-    model, tok = load_model_and_tokenizer(str(tiny_dir), dtype=base_dtype_of(kind), quantize_nf4=kind == "qlora")
+    rt = Runtime(torch.device("cpu"), precision)
+    model, tok = load_model_and_tokenizer(str(tiny_dir), precision=precision, dtype=base_dtype_of(kind, precision),
+                                          quantize_nf4=kind == "qlora")
     model = apply_adapter(model, adapter)
     if ckpt:
         enable_gradient_checkpointing(model)
@@ -137,7 +138,8 @@ def _measure(tiny_dir, kind, ckpt, rows=2, width=48, chunk=1024):
     batch = _batch(rows, width, len(tok))
 
     def step(marks=None, mode=None):
-        out = sequence_logps(model, batch, chunk)
+        with rt.autocast():
+            out = sequence_logps(model, batch, chunk)
         if marks is not None:
             marks["forward"] = mode.now - mode.base
         (-out.logp_sum.sum()).backward()
@@ -156,20 +158,23 @@ def _measure(tiny_dir, kind, ckpt, rows=2, width=48, chunk=1024):
     return mode.base, marks["forward"], mode.peak, batch
 
 
-def base_dtype_of(kind):
+def base_dtype_of(kind, precision):
     from tunesmith.config import RunConfig
 
-    return base_dtype(RunConfig(adapter=kind, data={"train": "x"}), "fp32")
+    return base_dtype(RunConfig(adapter=kind, data={"train": "x"}), precision)
 
 
-@pytest.mark.parametrize("kind,ckpt", [("lora", False), ("dora", False), ("full", False), ("qlora", False),
-                                       ("lora", True), ("full", True)])
-def test_activations_and_peak_match_a_real_step(tiny_dir, kind, ckpt):
+@pytest.mark.parametrize("kind,ckpt,precision", [
+    ("lora", False, "fp32"), ("dora", False, "fp32"), ("full", False, "fp32"), ("qlora", False, "fp32"),
+    ("lora", True, "fp32"), ("full", True, "fp32"), ("lora", False, "bf16"), ("full", False, "bf16"),
+    ("qlora", False, "bf16")])
+def test_activations_and_peak_match_a_real_step(tiny_dir, kind, ckpt, precision):
     """What the model predicts the forward keeps, and the step's peak, against the live tensors of a real step of
-    the tiny model (2 layers, hidden 64): the static part exactly, activations and peak within 10%."""
-    static, forward, peak, batch = _measure(tiny_dir, kind, ckpt)
+    the tiny model (2 layers, hidden 64), in fp32 and under bf16 autocast: the static part exactly, activations
+    and peak within 10%."""
+    static, forward, peak, batch = _measure(tiny_dir, kind, ckpt, precision)
     arch = load_architecture(str(tiny_dir))
-    s = _setting(arch, kind, grad_checkpointing=ckpt)
+    s = _setting(arch, kind, precision, grad_checkpointing=ckpt)
     shape = memory.BatchShape(*batch.input_ids.shape, batch.n_target_tokens)
     m = memory.step_memory(arch, s, shape)
     predicted_static = sum(m.weights.values()) + m.optimizer + (0 if kind == "full" else m.trainable * 4)

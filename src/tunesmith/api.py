@@ -64,18 +64,27 @@ def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool) 
     from .plan import check_fits, plan_run
     from .plan.report import format_plan
 
+    import os
+
+    from .model.device import pick_device
+
     console = console or Console(stderr=True)
+    if pick_device(cfg.device).type == "mps":
+        console.print("[yellow]plan: no plans for Apple MPS devices yet; training without one")
+        return None
+    world, main = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)) == 0
     try:
-        planned = plan_run(cfg)
+        planned = plan_run(cfg, nproc=world, parallel=getattr(cfg.train, "parallel", "auto"))
     except TunesmithError:
         raise
     except Exception as e:  # noqa: BLE001 - a plan that cannot be made must not stop a run the user started
         console.print(f"[yellow]plan: could not plan this run ({type(e).__name__}: {e}); training anyway")
         return None
-    console.print(format_plan(planned), highlight=False, markup=False)
+    if main:
+        console.print(format_plan(planned), highlight=False, markup=False)
     if not (force or cfg.train.ignore_plan):
         check_fits(planned)
-    elif not planned.fits:
+    elif not planned.fits and main:
         console.print("[yellow]plan: the run is not expected to fit; going ahead as asked (--force)")
     return planned
 
