@@ -60,13 +60,12 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
 
 def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool) -> Plan | None:
     """Plan the run on the device it will use, print the verdict, refuse what cannot fit."""
-    from .errors import TunesmithError
-    from .plan import check_fits, plan_run
-    from .plan.report import format_plan
-
     import os
 
+    from .errors import TunesmithError
     from .model.device import pick_device
+    from .plan import check_fits, plan_run
+    from .plan.report import format_plan
 
     console = console or Console(stderr=True)
     if pick_device(cfg.device).type == "mps":
