@@ -269,57 +269,70 @@ class StepMemory:
         return max(self.phases.values())
 
 
+@dataclass(frozen=True)
+class _Static:
+    weights: dict[str, int]
+    trainable: int  # trained weights held by this rank
+    gradients: int
+    optimizer: int
+    extra: dict[str, int]
+    total: int  # weights, fp32 adapters, optimizer states, parallel extras: present throughout a step
+
+
+def _static(arch: Architecture, s: Setting, world: int, parallel: str) -> _Static:
+    weights = weight_bytes(arch, s)
+    trainable = trainable_numel(arch, s)
+    grads, states = trainable * 4, optimizer_bytes(arch, s)
+    master = trainable * 4 if not s.is_full else 0  # adapters are fp32 tensors of their own
+    extra: dict[str, int] = {}
+    if parallel == "fsdp" and world > 1:  # FSDP2 per decoder layer, gathered in the compute dtype
+        weights = {k: v // world for k, v in weights.items()}
+        trainable, grads, states, master = (x // world for x in (trainable, grads, states, master))
+        extra["unsharded layers (current + prefetch)"] = 2 * arch.layer_numel() * s.compute_bytes
+        extra["unsharded embedding and head"] = (arch.embedding_numel + arch.head_numel) * s.compute_bytes
+    elif parallel == "ddp" and world > 1:
+        extra["gradient buckets"] = grads
+    total = sum(weights.values()) + master + states + sum(extra.values())
+    return _Static(weights, trainable, grads, states, extra, total)
+
+
+SHARED_SAVED = ("final norm", "lm head inputs", "autocast weight copies", "rotary cos/sin",
+                "attention mask (kept for recomputation)")
+
+
 def step_memory(arch: Architecture, s: Setting, b: BatchShape, world: int = 1, parallel: str = "none"
                 ) -> StepMemory:
     """The peak of a training step (after the first, when the optimizer's states exist): the largest of
-    the forward's end, the head's backward, the last and first layers' backward and the optimizer step."""
-    weights = weight_bytes(arch, s)
-    trainable = trainable_numel(arch, s)
-    grads = trainable * 4
-    states = optimizer_bytes(arch, s)
-    master = trainable * 4 if not s.is_full else 0  # adapters are fp32 tensors of their own
-    extra: dict[str, int] = {}
-    static_weights = sum(weights.values())
-    fsdp = parallel == "fsdp" and world > 1
-    local = trainable
-    if fsdp:  # FSDP2 per decoder layer, gathering parameters in the compute dtype (MixedPrecisionPolicy)
-        weights = {k: v // world for k, v in weights.items()}
-        static_weights, grads, states, master = (x // world for x in (static_weights, grads, states, master))
-        local = trainable // world
-        extra["unsharded layers (current + prefetch)"] = 2 * arch.layer_numel() * s.compute_bytes
-        head = arch.embedding_numel + arch.head_numel
-        extra["unsharded embedding and head"] = head * s.compute_bytes
-    elif parallel == "ddp" and world > 1:
-        extra["gradient buckets"] = trainable * 4
-    static = static_weights + master + states + sum(extra.values())
+    the forward's end, an attention forward, the head's backward, the last and first layers' backward and
+    the optimizer step."""
+    st = _static(arch, s, world, parallel)
     saved = saved_activations(arch, s, b)
-    if fsdp:  # parameters are gathered in the compute dtype already: autocast makes no copies
+    if parallel == "fsdp" and world > 1:  # parameters arrive in the compute dtype: autocast makes no copies
         saved.pop("autocast weight copies", None)
     acts = sum(saved.values())
     head_f, head_b = head_transient(arch, s, b)
     layer_f, layer_b = layer_transient(arch, s, b)
-    shared = ("final norm", "lm head inputs", "autocast weight copies", "rotary cos/sin",
-              "attention mask (kept for recomputation)")
-    per_layer = (acts - sum(saved.get(k, 0) for k in shared)) / max(arch.layers, 1)
+    per_layer = (acts - sum(saved.get(k, 0) for k in SHARED_SAVED)) / max(arch.layers, 1)
     recompute = 0
-    if s.grad_checkpointing:
-        unckpt = Setting(**{**s.__dict__, "grad_checkpointing": False})
-        recompute = round(sum(layer_saved_per_position(arch, unckpt, b.width).values()) * b.positions)
-    layer_grads = grads / (arch.layers + 1) if s.is_full else 0
+    if s.grad_checkpointing:  # the layer being recomputed keeps everything again for its backward
+        plain = Setting(**{**s.__dict__, "grad_checkpointing": False})
+        recompute = round(sum(layer_saved_per_position(arch, plain, b.width).values()) * b.positions)
+    layer_grads = st.gradients / (arch.layers + 1) if s.is_full else 0
     head_grad = (arch.embedding_numel if arch.tied else arch.head_numel) * 4 if s.is_full else 0
-    n_h = b.positions * arch.hidden * s.base_bytes
+    logits = 2 * 4 * min(s.logits_chunk, max(b.targets, 1)) * arch.vocab
     mask = 0 if s.grad_checkpointing else mask_bytes(b)  # with checkpointing it is among the saved tensors
+    base = st.total + acts
     phases = {
-        "forward end (LM head)": static + acts + n_h + mask + head_f,
-        "attention forward": static + acts + mask + layer_f,
-        "LM head backward": static + acts + max(head_b, head_grad + 2 * 4 * min(s.logits_chunk, b.targets) * arch.vocab),
-        "last layer backward": static + acts + head_grad + layer_grads + layer_b + recompute,
-        "first layer backward": static + per_layer + grads + layer_b + recompute,
-        "optimizer step": static + grads + _optimizer_temp(arch, s, local),
+        "forward end (LM head)": base + b.positions * arch.hidden * s.base_bytes + mask + head_f,
+        "attention forward": base + mask + layer_f,
+        "LM head backward": base + max(head_b, head_grad + logits),
+        "last layer backward": base + head_grad + layer_grads + layer_b + recompute,
+        "first layer backward": st.total + per_layer + st.gradients + layer_b + recompute,
+        "optimizer step": st.total + st.gradients + _optimizer_temp(arch, s, st.trainable),
     }
     peak_phase = max(phases, key=phases.get)
-    return StepMemory(weights, local, grads, states, saved, peak_phase, phases[peak_phase] - static - acts,
-                      phases, extra)
+    return StepMemory(st.weights, st.trainable, st.gradients, st.optimizer, saved, peak_phase,
+                      max(0, phases[peak_phase] - base), phases, st.extra)
 
 
 def _optimizer_temp(arch: Architecture, s: Setting, trainable: int) -> int:
