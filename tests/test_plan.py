@@ -166,7 +166,7 @@ def test_calibrate_runs_real_steps_and_times_the_run(tiny_dir, tmp_path):
 # ---------------------------------------------------------------- tunesmith train and the plan
 
 def _small_cpu(monkeypatch, gib: float):
-    monkeypatch.setattr(devices, "_meminfo", lambda key: int(gib * GIB))
+    monkeypatch.setattr(devices, "_meminfo", lambda key: int(gib * GIB))  # MemTotal and MemAvailable
 
 
 def test_train_refuses_before_loading_the_model(tiny_dir, tmp_path, monkeypatch):

@@ -223,6 +223,9 @@ def _plan_stage(cfg: RunConfig, dev: Device, nproc: int, parallel: str, calibrat
     notes = [n for n in (tok_note, *data.notes) if n]
     if s.precision != cfg.precision and cfg.precision == "auto":
         notes.append(f"precision auto is {s.precision} on {dev.name}")
+    if fits and dev.available_bytes is not None and peak > dev.available_bytes:
+        notes.append(f"other processes hold memory now: {dev.available_bytes / GIB:.1f} GiB of "
+                     f"{dev.memory_bytes / GIB:.1f} GiB are available, the run needs {peak / GIB:.1f} GiB")
     if dev.kind == "cpu" and s.precision in ("bf16", "fp16") and not dev.native_bf16:
         notes.append("this CPU emulates bf16 matmuls (no AVX512-BF16/AMX): about 90x slower than fp32")
     calibration = None

@@ -28,6 +28,7 @@ class Device:
     price_source: str | None = None
     price_read: str | None = None
     here: bool = False  # this machine's own device
+    available_bytes: int | None = None  # this machine: memory not in use by other processes right now
 
     def peak_flops(self, precision: str) -> float | None:
         return self.fp32_flops if precision == "fp32" else self.bf16_flops
@@ -54,9 +55,9 @@ def _meminfo(key: str) -> int | None:
 def this_cpu() -> Device:
     from ..model.device import cpu_has_native_bf16
 
-    available = _meminfo("MemAvailable") or _meminfo("MemTotal") or 0
-    return Device("cpu", "cpu", available, f"this machine's CPU ({os.cpu_count()} cores; memory available now)",
-                  native_bf16=cpu_has_native_bf16(), here=True)
+    total = _meminfo("MemTotal") or 0
+    return Device("cpu", "cpu", total, f"this machine's CPU ({os.cpu_count()} cores)",
+                  native_bf16=cpu_has_native_bf16(), here=True, available_bytes=_meminfo("MemAvailable"))
 
 
 def this_gpu(table: dict) -> Device:
