@@ -46,6 +46,7 @@ def test_shipped_architectures_build_on_the_meta_device_with_their_published_siz
         assert load_architecture(SHIPPED[name][0]).total_numel == arch.total_numel  # by hub id too
 
 
+@pytest.mark.slow
 def test_default_model_matches_its_shipped_config(tmp_path):
     here = load_architecture("default")
     shipped = load_architecture("smollm2-135m")
@@ -106,6 +107,7 @@ def test_data_side_counts_what_the_recipe_renders():
     assert plan.data.target_tokens == sum(x.n_target for x in items) - len(items) * 0
 
 
+@pytest.mark.slow  # the default model's tokenizer stands in for the shipped models'
 def test_big_models_on_listed_gpus_get_verdicts_advice_and_cost(tiny_dir, tmp_path):
     cfg = tiny_config(tiny_dir, tmp_path, max_steps=None, epochs=1, micro_batch_size=8)
     cfg.update(model="llama-3.1-8b", precision="auto")
@@ -136,6 +138,7 @@ def test_big_models_on_listed_gpus_get_verdicts_advice_and_cost(tiny_dir, tmp_pa
     assert sharded.cost_usd == pytest.approx(sharded.time.total_s / 3600 * 3.78 * 8)
 
 
+@pytest.mark.slow  # the default model's tokenizer stands in for the shipped models'
 def test_plan_cli_prints_and_writes_json(tiny_dir, tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tiny_dir, tmp_path)))

@@ -44,7 +44,7 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
 
 def adamw_state_bytes(numel: int, optimizer: str = "adamw") -> int:
     """AdamW's two moments for one tensor (the scalar step counter is left out)."""
-    if optimizer in ("adamw_8bit", "paged_adamw_8bit") and numel >= EIGHT_BIT_MIN:
+    if optimizer == "adamw_8bit" and numel >= EIGHT_BIT_MIN:
         return 2 * (numel + 4 * math.ceil(numel / EIGHT_BIT_BLOCK))
     return 8 * numel
 
