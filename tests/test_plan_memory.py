@@ -222,3 +222,20 @@ def _fake_arch():
 
     return Architecture("fake", "test", "llama", 1000, d, ff, layers, 4, 1, 64, True, linears, 1000 * d, 0,
                         (2 * layers + 1) * d, 2, True, True, 2)
+
+
+def test_flops_by_hand():
+    from tunesmith.plan.flops import SeqStats, Shapes, forward_flops, recompute_flops, training_flops
+
+    s = Shapes(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512)  # head dim 16, kv width 32
+    n = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 64 * 128 + 64 * 128 + 128 * 64)
+    assert s.n_linear == n
+    seqs = SeqStats((10,), (3,))  # 10 tokens, 55 causal pairs, 3 trained positions
+    lora = (4 * n + 6 * s.n_lora(4)) * 10 + 4 * 512 * 64 * 3 + 12 * 64 * 55 * 2
+    assert training_flops(s, seqs, lora_r=4) == lora
+    assert training_flops(s, seqs, lora_r=None) == 6 * n * 10 + 6 * 512 * 64 * 3 + 12 * 64 * 55 * 2
+    assert forward_flops(s, seqs) == 2 * n * 10 + 2 * 512 * 64 * 3 + 4 * 64 * 55 * 2
+    assert recompute_flops(s, seqs) == 2 * n * 10 + 4 * 64 * 55 * 2
+    # a set head_dim (Gemma-2: 16 heads of 256 on a 3584-wide model) sizes q and o by heads x head_dim
+    g = Shapes(hidden=3584, intermediate=14336, layers=1, heads=16, kv_heads=8, vocab=8, head_dim_=256)
+    assert g.linears()[0] == (3584, 4096) and g.linears()[3] == (4096, 3584)
