@@ -91,12 +91,15 @@ def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool) 
 def _record_plan(run: Run, planned: Plan) -> None:
     """Add the plan, and what the run measured to compare with it, to run.json."""
     import json
+    import os
     import resource
 
     import torch
 
     from .train.rundir import write_json
 
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     measured = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if torch.cuda.is_available():
         measured["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
