@@ -34,10 +34,6 @@ class DataProfile:
     tokenizer_note: str | None = None
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def worst(self) -> BatchShape:
-        return max(self.shapes, key=lambda b: (b.positions * (1 + b.width / 64), b.targets))
-
 
 def render_items(cfg: RunConfig, tokenizer, method) -> tuple[list, list | None, dict]:
     """The train and eval items exactly as train.recipe renders them (KTO's lone example left out too)."""
