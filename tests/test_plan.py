@@ -91,10 +91,10 @@ def test_every_example_config_plans_and_fits_this_machine(path):
 def test_data_side_counts_what_the_recipe_renders():
     """Examples, steps and tokens of the banking77 plan equal the recipe's own rendering and the loop's batch plan."""
     from tunesmith.data.load import load_data
+    from tunesmith.data.plan import BatchPlan
     from tunesmith.data.render import Renderer
     from tunesmith.methods import get_method
     from tunesmith.model.load import load_tokenizer
-    from tunesmith.train.loop import plan_steps
 
     cfg = tunesmith.load_config(ROOT / "examples/banking77/config.yaml", ["data.max_examples=300"])
     plan = tunesmith.plan(cfg, device="cpu")
@@ -102,7 +102,7 @@ def test_data_side_counts_what_the_recipe_renders():
     renderer = Renderer(load_tokenizer("default"), cfg.data.max_length)
     items = [x for x in (get_method("sft").render(renderer, ex) for ex in train_ds.examples) if x is not None]
     assert plan.data.examples == len(items)
-    assert plan.data.steps == plan_steps(len(items), cfg.train)[1]
+    assert plan.data.steps == BatchPlan.from_config([len(x) for x in items], cfg.train).total_steps
     assert plan.data.tokens == sum(len(x) for x in items)  # one epoch: every example once
     assert plan.data.target_tokens == sum(x.n_target for x in items) - len(items) * 0
 

@@ -168,7 +168,7 @@ def alternatives(cfg: RunConfig, arch: Architecture, data: DataProfile, device: 
         alt = cfg.model_copy(update=change(cfg))
         prof = data
         if alt.train.micro_batch_size != cfg.train.micro_batch_size:
-            prof = profile(alt, tokenizer, method)
+            prof = profile(alt, tokenizer, method, world=nproc)
         s = setting_for(alt, arch, device)
         peak, _, _, _ = total_bytes(arch, s, prof, device, nproc, resolve_parallel(parallel, nproc, arch, s, device))
         sets = tuple(x.format(half=alt.train.micro_batch_size, double=alt.train.grad_accum) for x in label)
@@ -195,10 +195,10 @@ def plan_run(cfg: RunConfig, device: str | None = None, nproc: int = 1, parallel
         raise TunesmithError(f"unknown parallel mode '{parallel}'", f"choose one of: {', '.join(PARALLEL)}")
     dev = get_device(device or cfg.device, prices)
     if cfg.stages:
-        from ..train.recipe import stage_configs
+        from ..config import stage_config
 
-        plans = [_plan_stage(st, dev, nproc, parallel, calibrate, calibrate_steps, console)
-                 for st in stage_configs(cfg)]
+        plans = [_plan_stage(stage_config(cfg, i), dev, nproc, parallel, calibrate, calibrate_steps, console)
+                 for i in range(len(cfg.stages))]
         worst = max(plans, key=lambda p: p.peak_bytes)
         main = Plan(**{**worst.__dict__, "name": cfg.name, "stages": plans})
         main.time = _sum_times([p.time for p in plans])
@@ -215,7 +215,7 @@ def _plan_stage(cfg: RunConfig, dev: Device, nproc: int, parallel: str, calibrat
     arch = load_architecture(cfg.model, cfg.trust_remote_code)
     method = get_method(cfg.method, cfg.method_args)
     tokenizer, tok_note = load_plan_tokenizer(cfg)
-    data = profile(cfg, tokenizer, method, tok_note)
+    data = profile(cfg, tokenizer, method, tok_note, nproc)
     s = setting_for(cfg, arch, dev)
     mode = resolve_parallel(parallel, nproc, arch, s, dev)
     peak, mem, shape, overhead = total_bytes(arch, s, data, dev, nproc, mode)
@@ -268,7 +268,7 @@ def _time(cfg: RunConfig, arch: Architecture, s: Setting, data: DataProfile, dev
         return None
     scale = data.micro_batches / max(len(data.shapes), 1)
     lora_r = None if s.is_full else s.r
-    return estimate(shapes, data.shapes, scale, data.sequences, data.epochs, data.reference_sequences, lora_r,
+    return estimate(shapes, data.shapes, scale, data.sequences, data.reference_sequences, lora_r,
                     s.grad_checkpointing, rate, source, nproc, startup)
 
 

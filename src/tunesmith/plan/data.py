@@ -1,16 +1,19 @@
-"""What the run's data costs: its examples rendered exactly as training renders them (data.load, data.render
-and the method's own render / length / collate), and the shape of every micro-batch the run will form."""
+"""What the run's data costs: its examples rendered exactly as training renders them (`train.recipe.render_items`:
+data.load, data.render and the method's own render / prepare), and the shape of every micro-batch the run's
+batch plan (`data.plan.BatchPlan`) forms, collated by the method's own `collate`."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from rich.console import Console
+
 from ..config import RunConfig
-from ..data.batching import batch_order, pack_setting
+from ..data.batching import pack_setting
 from ..data.load import load_data
-from ..data.render import Renderer
-from ..train.loop import plan_steps
+from ..data.plan import BatchPlan
+from ..errors import TunesmithError
 from .flops import SeqStats
 from .memory import BatchShape
 
@@ -29,83 +32,61 @@ class DataProfile:
     target_tokens: int
     render: dict
     shapes: list[BatchShape]  # one per collated micro-batch
-    sequences: SeqStats  # every sequence of one epoch (lengths, trained positions): model FLOPs
+    sequences: SeqStats  # every sequence of the collated micro-batches (lengths, trained positions)
     reference_sequences: SeqStats | None  # what the reference pre-pass scores (train + eval), if any
     tokenizer_note: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
 def render_items(cfg: RunConfig, tokenizer, method) -> tuple[list, list | None, dict]:
-    """The train and eval items exactly as train.recipe renders them (KTO's lone example left out too)."""
+    """The train and eval items exactly as the recipe renders them (KTO's lone example left out too)."""
+    from ..train.recipe import render_items as recipe_render
+
     train_ds, eval_ds = load_data(cfg.data, cfg.train.seed)
-    renderer = Renderer(tokenizer, cfg.data.max_length, cfg.data.truncation, cfg.data.train_on,
-                        cfg.data.system_prompt)
-    items = [x for x in (method.render(renderer, ex) for ex in train_ds.examples) if x is not None]
-    stats = renderer.stats.as_dict()
-    eval_items = None
-    if eval_ds is not None:
-        eval_items = [x for x in (method.render(renderer, ex) for ex in eval_ds.examples) if x is not None]
-    if cfg.method == "kto":
-        from ..methods.preference import drop_lone_example
-
-        items, _ = drop_lone_example(items, cfg.train.micro_batch_size, "training")
-        if eval_items:
-            eval_items, _ = drop_lone_example(eval_items, cfg.train.micro_batch_size, "eval")
-    return items, eval_items, stats
+    if train_ds.kind != method.example_kind:
+        raise TunesmithError(f"method '{cfg.method}' trains on {method.example_kind} examples but the data in "
+                             f"{cfg.data.train} is {train_ds.kind} ({train_ds.format} format)",
+                             "give data of the kind the method trains on (see docs/data.md)")
+    return recipe_render(cfg, method, tokenizer, train_ds, eval_ds, Console(quiet=True))
 
 
-def run_micro_batches(items: list, method, cfg: RunConfig) -> tuple[list[list[int]], int]:
-    """The example indices of every micro-batch the loop will run (train.loop.Trainer.micro_batch), and the
-    number of optimizer steps."""
-    t = cfg.train
-    lengths = [method.length(x) for x in items]
-    per_epoch, total_steps = plan_steps(len(items), t)
-    n = total_steps * t.grad_accum
-    batches: list[list[int]] = []
-    for epoch in range(math.ceil(n / per_epoch)):
-        order = batch_order(lengths, t.micro_batch_size, t.seed, epoch, t.group_by_length)
-        batches += order[:n - len(batches)]
-    return batches, total_steps
-
-
-def profile(cfg: RunConfig, tokenizer, method, tokenizer_note: str | None = None) -> DataProfile:
+def profile(cfg: RunConfig, tokenizer, method, tokenizer_note: str | None = None, world: int = 1) -> DataProfile:
     items, eval_items, stats = render_items(cfg, tokenizer, method)
-    if not items:
-        from ..errors import TunesmithError
-
-        raise TunesmithError("no training examples left after rendering", "check `tunesmith data check`")
-    batches, steps = run_micro_batches(items, method, cfg)
+    plan = BatchPlan.from_config([method.length(x) for x in items], cfg.train, world)
+    batches = list(plan.micro_batches())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pack = pack_setting(cfg.train.packing, cfg.train.pack_length)
-    notes = []
-    collated = batches
+    notes, collated = [], batches
     if len(batches) > MAX_COLLATED:
-        per_epoch = math.ceil(len(items) / cfg.train.micro_batch_size)
-        collated = batches[:per_epoch]
-        notes.append(f"batch shapes from the first epoch ({per_epoch:,} of {len(batches):,} micro-batches)")
-    shapes, tokens, computed, targets = [], 0, 0, 0
+        collated = batches[:plan.per_epoch]
+        notes.append(f"batch shapes from the first epoch ({plan.per_epoch:,} of {len(batches):,} micro-batches)")
+    shapes, lengths, trained, tokens, computed, targets = [], [], [], 0, 0, 0
     for idx in collated:
-        b = method.collate([items[i] for i in idx], pad_id, pack)
+        chosen = [items[i] for i in idx]
+        b = method.collate(chosen, pad_id, pack)
         rows, width = b.input_ids.shape
         shapes.append(BatchShape(int(rows), int(width), b.n_target_tokens))
-        tokens += b.n_real_tokens
-        computed += int(rows * width)
-        targets += b.n_target_tokens
+        tokens, computed, targets = tokens + b.n_real_tokens, computed + int(rows * width), targets + b.n_target_tokens
+        for seq in method.batch_sequences(chosen):
+            lengths.append(len(seq))
+            trained.append(seq.n_target)
     scale = len(batches) / len(collated)
+    ref = None
+    if method.needs_reference:
+        seqs = method.batch_sequences(items) + (method.batch_sequences(eval_items) if eval_items else [])
+        ref = SeqStats(tuple(len(x) for x in seqs), tuple(x.n_target for x in seqs))
     return DataProfile(
-        examples=len(items), eval_examples=len(eval_items or []), steps=steps, micro_batches=len(batches),
-        epochs=len(batches) * cfg.train.micro_batch_size / len(items), tokens=round(tokens * scale),
+        examples=len(items), eval_examples=len(eval_items or []), steps=plan.total_steps,
+        micro_batches=len(batches), epochs=len(batches) / max(plan.per_epoch, 1), tokens=round(tokens * scale),
         computed_positions=round(computed * scale), target_tokens=round(targets * scale), render=stats,
-        shapes=shapes, sequences=_sequences(method, items),
-        reference_sequences=_sequences(method, items + list(eval_items or [])) if method.needs_reference else None,
+        shapes=shapes, sequences=_scaled(lengths, trained, scale), reference_sequences=ref,
         tokenizer_note=tokenizer_note, notes=notes)
 
 
-def _sequences(method, items: list) -> SeqStats:
-    seqs = []
-    for item in items:
-        seqs += method.sequences(item) if hasattr(method, "sequences") else [item]
-    return SeqStats(tuple(len(s) for s in seqs), tuple(s.n_target for s in seqs))
+def _scaled(lengths: list[int], trained: list[int], scale: float) -> SeqStats:
+    """The collated sequences, repeated to stand for the micro-batches that were not collated."""
+    times = max(1, math.floor(scale))
+    return SeqStats(tuple(lengths) * times, tuple(trained) * times)
 
 
 def load_plan_tokenizer(cfg: RunConfig):

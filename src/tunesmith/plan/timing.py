@@ -45,8 +45,8 @@ def executed_flops(shapes: Shapes, batches: list[BatchShape], lora_r: int | None
     return total
 
 
-def model_flops(shapes: Shapes, sequences: SeqStats, epochs: float, lora_r: int | None) -> float:
-    return training_flops(shapes, sequences, lora_r) * epochs
+def model_flops(shapes: Shapes, sequences: SeqStats, lora_r: int | None) -> float:
+    return training_flops(shapes, sequences, lora_r)
 
 
 def reference_flops(shapes: Shapes, sequences: SeqStats | None) -> float:
@@ -72,7 +72,7 @@ def peak_rate(device: Device, precision: str, shapes: Shapes) -> tuple[float, st
     return 0.0, f"{device.name}: no published peak in the price table"
 
 
-def estimate(shapes: Shapes, batches: list[BatchShape], scale: float, sequences: SeqStats, epochs: float,
+def estimate(shapes: Shapes, batches: list[BatchShape], scale: float, sequences: SeqStats,
              ref_sequences: SeqStats | None, lora_r: int | None, checkpointing: bool, rate: float, source: str,
              world: int = 1, startup_s: float | None = None) -> TimeEstimate:
     executed = executed_flops(shapes, batches, lora_r, checkpointing) * scale
@@ -82,7 +82,7 @@ def estimate(shapes: Shapes, batches: list[BatchShape], scale: float, sequences:
         source += f"; {world} ranks at an assumed {DDP_EFFICIENCY:.0%} of a lone rank's throughput each"
     train_s = executed / (per_rank * world) if per_rank else float("nan")
     ref_s = ref / (per_rank * world) if per_rank else float("nan")
-    return TimeEstimate(train_s, ref_s, rate, source, model_flops(shapes, sequences, epochs, lora_r), executed,
+    return TimeEstimate(train_s, ref_s, rate, source, model_flops(shapes, sequences, lora_r), executed,
                         startup_s)
 
 
