@@ -62,10 +62,10 @@ def row_config(adapter: str, method: str, length: int, ckpt: bool, precision: st
         "adapter": {"kind": adapter},
         "train": {"lr": 1e-5, "micro_batch_size": mbs, "max_steps": steps, "grad_checkpointing": ckpt,
                   "warmup_steps": 0, "schedule": "constant"},
-        "method_args": {"reference_cache": False},
     }
     if method == "dpo":
         cfg["data"].update({"format": "hh_rlhf", "skip_invalid": True})
+        cfg["method_args"] = {"reference_cache": False}
     return cfg
 
 
