@@ -13,6 +13,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from .api import (  # noqa: E402
     ChatModel,
     EvalResult,
+    Plan,
     Run,
     RunConfig,
     evaluate,
@@ -21,9 +22,10 @@ from .api import (  # noqa: E402
     open_adapters,
     open_model,
     parse_config,
+    plan,
     push,
     train,
 )
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "__version__", "evaluate", "export_run", "load_config",
-           "open_adapters", "open_model", "parse_config", "push", "train"]
+__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "evaluate", "export_run",
+           "load_config", "open_adapters", "open_model", "parse_config", "plan", "push", "train"]
