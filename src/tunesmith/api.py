@@ -32,7 +32,9 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
 
     cfg = _as_config(config, overrides)
     run = run_training(cfg, console=console, progress=progress, resume=resume)
-    if evaluate and cfg.eval is not None:
+    from .train.parallel import world_from_env
+
+    if evaluate and cfg.eval is not None and world_from_env()[0] == 0:  # under torchrun: rank 0 evaluates
         from .eval.run import evaluate_run
 
         run.info["eval"] = evaluate_run(run, console=console)
