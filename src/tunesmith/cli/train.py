@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the end-of-training comparison eval")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train in N processes on this machine (starts torchrun: --standalone --nproc-per-node N)")
+    p.add_argument("--force", action="store_true",
+                   help="train even when the plan says the run cannot fit its device (train.ignore_plan)")
     p.set_defaults(handler=run)
 
 
@@ -33,7 +35,7 @@ def run(args, console: Console) -> int:
     overrides = list(args.overrides) + (["data.skip_invalid=true"] if args.skip_invalid else [])
     cfg = load_config(args.config, overrides)
     result = train(cfg, console=console, progress=not args.no_progress, evaluate=not args.no_eval,
-                   resume=args.resume)
+                   resume=args.resume, force=args.force)
     console.print(f"[green]done[/green]: adapter in {result.adapter}")
     return 0
 
@@ -46,7 +48,7 @@ def launch(args, console: Console) -> int:
     cfg = load_config(args.config, list(args.overrides))  # a bad config fails here, before N processes start
     rest = [args.config, *(f"--set={o}" for o in args.overrides)]
     rest += [flag for flag, on in (("--skip-invalid", args.skip_invalid), ("--no-progress", args.no_progress),
-                                   ("--no-eval", args.no_eval)) if on]
+                                   ("--no-eval", args.no_eval), ("--force", args.force)) if on]
     rest += [f"--resume={args.resume}"] if args.resume else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "tunesmith", "train", *rest]

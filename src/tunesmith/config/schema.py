@@ -122,6 +122,7 @@ class TrainConfig(Section):
     # examples (pairs) per optimizer step over all processes; sets grad_accum = global / (micro x processes)
     global_batch_size: int | None = Field(None, ge=1)
     dist_timeout_s: float = Field(600.0, gt=0)  # how long a collective waits for a rank that stopped
+    ignore_plan: bool = False  # train even when `tunesmith plan` says the run cannot fit its device
 
 
 class EvalConfig(Section):
