@@ -54,9 +54,16 @@ def launch(jobs: list[dict], tmp: Path, timeout: float = 600) -> tuple[subproces
     return proc, results
 
 
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if '"step"' in line]
+def with_eval(cfg: dict) -> dict:
+    """Evaluate on the training file every 2 steps (5 examples: the 2 ranks' eval shares are unequal)."""
+    eval_file = Path(cfg["data"]["train"]).with_suffix(".eval.jsonl")
+    eval_file.write_text("".join(Path(cfg["data"]["train"]).read_text().splitlines(True)[:5]))
+    return {**cfg, "data": {**cfg["data"], "eval": str(eval_file)}, "train": {**cfg["train"], "eval_every": 2}}
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -76,18 +83,20 @@ JOBS = [("sft", "lora"), ("dpo", "lora"), ("sft", "full"), ("dpo", "full")]
 def test_two_processes_train_the_same_maths_as_one(tiny_dir, tmp_path, data, engine):
     """Global batch 8 = micro-batch 2 x accumulation 4 x 1 process = 2 x 2 x 2 processes: per-step losses and
     final weights within 1e-5 (fp32; the order of the reduction is the only difference)."""
-    jobs = [{"config": config(tiny_dir, tmp_path / "two", f"{m}-{a}", m, data, a, parallel=engine)}
+    jobs = [{"config": with_eval(config(tiny_dir, tmp_path / "two", f"{m}-{a}", m, data, a, parallel=engine))}
             for m, a in JOBS]
     proc, results = launch(jobs, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(results[j["config"]["name"]].get("ok") for j in jobs), results
     assert f"2 processes, {engine}" in proc.stderr
     for m, a in JOBS:
-        one = tunesmith.train(config(tiny_dir, tmp_path / "one", f"{m}-{a}", m, data, a), progress=False,
-                              evaluate=False, console=quiet()[0])
+        one = tunesmith.train(with_eval(config(tiny_dir, tmp_path / "one", f"{m}-{a}", m, data, a)),
+                              progress=False, evaluate=False, console=quiet()[0])
         two = tmp_path / "two" / f"{m}-{a}"
         assert len(losses(two)) == 4
         assert losses(two) == pytest.approx(losses(one.path), abs=1e-5), (m, a)
+        assert len(losses(two, "eval_loss")) == 2  # an eval pass between steps leaves training exact
+        assert losses(two, "eval_loss") == pytest.approx(losses(one.path, "eval_loss"), abs=1e-5), (m, a)
         w1, w2 = weights(one.path), weights(two)
         assert w1.keys() == w2.keys() and w1
         for k in w1:
@@ -167,7 +176,7 @@ def test_the_launcher_reports_a_failed_process_and_the_checkpoint_to_resume(tiny
 
 def test_processes_that_disagree_on_the_config_stop_before_any_work(tiny_dir, tmp_path, data):
     cfg = config(tiny_dir, tmp_path / "runs", "mixed", "sft", data)
-    proc, results = launch([{"config": cfg, "rank_overrides": {"1": {"seed": 7}}},
+    proc, results = launch([{"config": cfg, "rank_overrides": {"1": {"train": {**cfg["train"], "seed": 7}}}},
                             {"config": {**cfg, "name": "after"}}], tmp_path / "a")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "disagree on the config" in results["mixed"]["error"]

@@ -37,6 +37,7 @@ import torch
 from ..data.batching import Batch
 from ..data.render import IGNORE, Tokenized
 from ..errors import TrainingAborted, TunesmithError
+from ..model.unwrap import reshard
 from .base import Method, Split
 from .logps import SeqLogps, sequence_logps
 
@@ -152,6 +153,7 @@ def score_batches(forward: Forward, method: Method, groups: Iterable[tuple[list[
             scored[s] = (lp, n)
         if progress is not None:
             progress(len(items))
+    reshard(forward)  # FSDP2's root keeps what a no-grad forward gathered; training must gather its own
 
 
 def build_tables(planned: dict[str, list[SeqKey]], scored: dict[SeqKey, tuple[float, float]],
@@ -210,12 +212,27 @@ class LiveReference:
         params = dict(self.model.named_parameters())
         swap = [(params[n], t) for n, t in self.initial.items()]
         for p, t in swap:
-            p.data, t.data = t.data, p.data
+            _exchange(p, t)
+        reshard(self.forward)
         try:
             yield
         finally:
             for p, t in swap:
-                p.data, t.data = t.data, p.data
+                _exchange(p, t)
+            reshard(self.forward)
+
+
+def _exchange(p: torch.Tensor, t: torch.Tensor) -> None:
+    """Swap two parameters' values. FSDP2 gathers a parameter from its own shard storage, so a sharded one
+    (a DTensor) swaps values in place; pointing it at other storage would not reach the forward."""
+    if not hasattr(p, "to_local"):
+        p.data, t.data = t.data, p.data
+        return
+    mine, other = p.to_local().detach(), t.to_local()
+    held = mine.clone()
+    mine.copy_(other)
+    other.copy_(held)
+
 
 
 # ---------------------------------------------------------------- the key

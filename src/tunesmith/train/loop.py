@@ -21,6 +21,7 @@ from ..errors import TrainingAborted
 from ..methods.base import Method
 from ..methods.reference import Reference
 from ..model.device import Runtime
+from ..model.unwrap import reshard
 from .checkpoint import Component, OptimizerState, RngState, TrainableWeights
 from .parallel import SingleProcess
 from .schedule import lr_factor, warmup_steps
@@ -164,6 +165,7 @@ class Trainer:
             units += self.method.units(mb.batch) * mb.weight
             for name, v in metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(v) * mb.weight
+        reshard(self.policy)
         names = sorted(sums)
         reduced = self.parallel.sum([total, units, *(sums[n] for n in names)])
         out = {"eval_loss": reduced[0] / max(reduced[1], 1)}

@@ -13,6 +13,7 @@ in one process.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -179,8 +180,7 @@ class Distributed(SingleProcess):
         self.dist.barrier()
 
     def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+        self.barrier()  # the group itself lives until the process exits: see setup_parallel
 
 
 def replica_bytes(module: torch.nn.Module) -> int:
@@ -220,6 +220,11 @@ def world_from_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def _leave(dist) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup_parallel(requested: str = "auto", device: torch.device | None = None, *, cpu_offload: bool = False,
                    timeout_s: float = 600.0) -> SingleProcess:
     """The engine for this process. Under torchrun (WORLD_SIZE > 1) this joins the process group; `auto`
@@ -240,4 +245,7 @@ def setup_parallel(requested: str = "auto", device: torch.device | None = None, 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # one group per process, reused by every stage: a second init in the same process after a destroy
+        # waits forever on torchrun's store (the keys of the first rendezvous are already there)
+        atexit.register(_leave, dist)
     return Distributed(engine, device, cpu_offload)

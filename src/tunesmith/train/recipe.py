@@ -290,7 +290,7 @@ def setup_trainer(cfg: RunConfig, method: Method, model: torch.nn.Module, tokeni
 
 def finish_stage(st: Stage, state: TrainState, console: Console, seconds: float) -> Run:
     cfg, rt = st.cfg, st.rt
-    gathered = gathered_weights(st.trainer.policy) if st.parallel.sharded else None  # every rank takes part
+    gathered = gathered_weights(st.trainer.policy, st.model) if st.parallel.sharded else None  # every rank takes part
     if rt.is_main:
         adapters.save_adapter(st.model, st.run.adapter, gathered)
         st.tokenizer.save_pretrained(st.run.adapter)
@@ -322,12 +322,14 @@ def finish_stage(st: Stage, state: TrainState, console: Console, seconds: float)
     return Run(st.run.path, cfg, state, info)
 
 
-def gathered_weights(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) weights of an FSDP2 model on rank 0, named as the model itself names them."""
+def gathered_weights(policy: torch.nn.Module, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) weights of an FSDP2 model on rank 0, named as the model itself names them, less
+    the tied copies (a tied head is saved once, as one process saves it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("model."): v for k, v in full.items()}
+    tied = getattr(unwrap(model), "all_tied_weights_keys", None) or {}
+    return {name: v for k, v in full.items() if (name := k.removeprefix("model.")) not in tied}
 
 
 def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
