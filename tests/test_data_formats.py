@@ -263,7 +263,7 @@ BAD_ROWS = [
     ("messages", {"messages": [m(U, "q"), m(A, "a", weight=0)]}, "every assistant turn has weight 0", None),
     ("messages", {"messages": [m(U, "q"), m(A, "a", weight=0.5)]}, "messages[1].weight: must be 0 or 1", None),
     ("messages", {"messages": [m(U, "q"), {"role": A, "content": None, "tool_calls": []}]},
-     "messages[1].content: missing (tool calls are not supported)", None),
+     "messages[1].content: missing", None),
     ("messages", {"messages": [m(U, "q"), m(A, [{"type": "image_url"}])]},
      "messages[1].content[0]: only text content parts are supported", None),
     ("sharegpt", {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, Problem
 
-Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"]
+Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "cpt"]
 AdapterKind = Literal["lora", "rslora", "dora", "qlora", "full"]
 PREFERENCE_METHODS = {"dpo", "ipo", "orpo", "simpo"}
 REFERENCE_METHODS = {"dpo", "ipo", "kto"}
@@ -26,7 +26,7 @@ class DataConfig(Section):
     eval: str | list[str] | None = None
     eval_split: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference",
-                    "preference_implicit", "hh_rlhf", "kto"] = "auto"
+                    "preference_implicit", "hh_rlhf", "kto", "text"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     split: str | None = None  # hub datasets: which split
     max_length: int = Field(1024, ge=8)
@@ -35,6 +35,9 @@ class DataConfig(Section):
     system_prompt: str | None = None
     skip_invalid: bool = False
     max_examples: int | None = Field(None, ge=1)
+    # documents (method: cpt): tokens a window repeats from the one before as context (docs/data.md)
+    window_overlap: int = Field(0, ge=0)
+    cross_document: bool = False  # documents: one stream cut into windows, attention across documents
 
 
 class AdapterConfig(Section):
@@ -52,6 +55,8 @@ class AdapterConfig(Section):
     from_adapter: str | None = None  # start from an existing adapter dir (e.g. an SFT run)
     use_dora: bool = False  # DoRA magnitudes on top of lora/rslora/qlora (kind: dora is lora + this)
     use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) on top of lora/dora/qlora
+    # learning rate of a trained input embedding / output head (modules_to_save or full); None = train.lr
+    embedding_lr: float | None = Field(None, gt=0)
 
     @property
     def embeddings_in_4bit(self) -> bool:

@@ -50,6 +50,7 @@ def cross_check(cfg: RunConfig) -> list[Problem]:
             p.append(Problem(f"stages[{i}].train.{k}", "unknown key", _suggest(k, TrainConfig.model_fields)))
     p += method_problems(cfg)
     p += adapter_problems(a)
+    p += document_problems(cfg)
     if cfg.eval is not None and cfg.eval.data is None and cfg.data.eval is None and cfg.data.eval_split == 0:
         p.append(Problem("eval.data", "an eval section needs held-out data",
                          "set eval.data, data.eval or data.eval_split"))
@@ -87,6 +88,22 @@ def method_problems(cfg: RunConfig) -> list[Problem]:
     return p
 
 
+def document_problems(cfg: RunConfig) -> list[Problem]:
+    """Settings for documents (method: cpt) that cannot work, or that a single-stage run of another method
+    would ignore."""
+    p: list[Problem] = []
+    d = cfg.data
+    if d.window_overlap >= d.max_length - 1:
+        p.append(Problem("data.window_overlap", f"must be below data.max_length - 1 ({d.max_length - 1})",
+                         "a window must move on by at least one token; e.g. data.window_overlap: 64"))
+    if not cfg.stages and cfg.method != "cpt":
+        for key, is_set in (("window_overlap", d.window_overlap > 0), ("cross_document", d.cross_document)):
+            if is_set:
+                p.append(Problem(f"data.{key}", f"applies to documents (method: cpt), not to method {cfg.method}",
+                                 f"remove data.{key} or use method: cpt"))
+    return p
+
+
 def adapter_problems(a: AdapterConfig) -> list[Problem]:
     """Adapter settings that cannot work together (beyond those checked in cross_check)."""
     p: list[Problem] = []
@@ -103,6 +120,11 @@ def adapter_problems(a: AdapterConfig) -> list[Problem]:
     if a.from_adapter and a.init != "default":
         p.append(Problem("adapter.init", "adapter.init only applies to new adapters; from_adapter continues a "
                          "trained one", "remove adapter.init or adapter.from_adapter"))
+    trains_embeddings = a.kind == "full" or any(n.split(".")[-1] in EMBEDDING_NAMES for n in a.modules_to_save)
+    if a.embedding_lr is not None and not trains_embeddings:
+        p.append(Problem("adapter.embedding_lr", "nothing trains the input embedding or output head",
+                         "add them to adapter.modules_to_save (e.g. [embed_tokens, lm_head]) or use adapter.kind: "
+                         "full; otherwise remove adapter.embedding_lr"))
     if (a.kind == "dora" or a.use_dora) and a.init in ("pissa", "olora"):
         p.append(Problem("adapter.init", f"'{a.init}' with DoRA is not supported", "use adapter.init: default"))
     quantised_names = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "dense", "gate_proj", "up_proj",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import MethodConfig
 from .base import Method
+from .cpt import CPT
 from .sft import SFT
 
 
@@ -11,9 +12,11 @@ def get_method(name: str, args: MethodConfig | None = None) -> Method:
     args = args or MethodConfig()
     if name == "sft":
         return SFT()
+    if name == "cpt":
+        return CPT()
     from . import preference
 
     return preference.build(name, args)
 
 
-__all__ = ["Method", "SFT", "get_method"]
+__all__ = ["CPT", "Method", "SFT", "get_method"]

@@ -246,5 +246,5 @@ METHODS: dict[str, type] = {"dpo": DPO, "ipo": IPO, "orpo": ORPO, "simpo": SimPO
 def build(name: str, args: MethodConfig):
     if name not in METHODS:
         raise TunesmithError(f"unknown training method '{name}'",
-                             f"choose one of: sft, {', '.join(sorted(METHODS))}")
+                             f"choose one of: sft, cpt, {', '.join(sorted(METHODS))}")
     return METHODS[name](args)

@@ -136,7 +136,8 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
             f"method '{cfg.method}' trains on {method.example_kind} examples but the data in {cfg.data.train} "
             f"is {train_ds.kind} ({train_ds.format} format)",
             hint="use preference data (prompt/chosen/rejected) for dpo/ipo/orpo/simpo, labelled "
-                 "prompt/completion/label rows for kto, and conversations for sft")
+                 "prompt/completion/label rows for kto, conversations for sft, and documents (a text column, "
+                 ".txt/.md files) for cpt")
     if train_ds.rejected:
         write_rejects(train_ds, run.path / "rejects.jsonl")
         console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
@@ -164,12 +165,12 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         console.print(format_summary(summary))
 
     renderer = Renderer(tokenizer, cfg.data.max_length, cfg.data.truncation, cfg.data.train_on,
-                        cfg.data.system_prompt)
-    items = [x for x in (method.render(renderer, ex) for ex in train_ds.examples) if x is not None]
+                        cfg.data.system_prompt, cfg.data.window_overlap, cfg.data.cross_document)
+    items = _render_items(method, renderer, train_ds.examples)
     train_stats = renderer.stats.as_dict()
     eval_items = None
     if eval_ds is not None:
-        eval_items = [x for x in (method.render(renderer, ex) for ex in eval_ds.examples) if x is not None]
+        eval_items = _render_items(method, renderer, eval_ds.examples)
     _report_render(console, train_stats, cfg)
     if cfg.method == "kto":
         items, eval_items = _kto_items(items, eval_items, cfg.train.micro_batch_size, console)
@@ -238,7 +239,19 @@ def _kto_items(items: list, eval_items: list | None, micro_batch_size: int, cons
     return items, eval_items
 
 
+def _render_items(method, renderer, examples) -> list:
+    """What the loop batches: one item per example, or (documents) the method's windows of all of them."""
+    if hasattr(method, "render_all"):
+        return method.render_all(renderer, examples)
+    return [x for x in (method.render(renderer, ex) for ex in examples) if x is not None]
+
+
 def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
+    if "documents" in stats:
+        console.print(f"rendered {stats['documents']} documents into {stats['windows']} windows of at most "
+                      f"{cfg.data.max_length} tokens: {stats['tokens']} tokens, {stats['trained_tokens']} trained"
+                      + (f"; {stats['dropped']} dropped (no text tokens)" if stats["dropped"] else ""))
+        return
     msg = f"rendered {stats['rendered']} examples"
     if stats["truncated"]:
         msg += f"; {stats['truncated']} longer than max_length={cfg.data.max_length} were truncated " \
