@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tunesmith.config import DataConfig
-from tunesmith.data.formats import hh_messages
+from tunesmith.data.formats import common_system_prompt, hh_messages
 from tunesmith.data.load import load_data, load_examples, prompt_key, split_eval, write_rejects
-from tunesmith.data.types import Conversation, Message, Preference, Source, Unpaired
+from tunesmith.data.types import Conversation, Document, Message, Preference, Source, Unpaired
 from tunesmith.errors import DataError, TunesmithError
 
 FIX = Path(__file__).parent / "fixtures" / "data"
@@ -23,12 +23,8 @@ def msgs(*pairs, untrained=()):
 
 
 def hh_rlhf_file() -> Path:
-    """The real Anthropic hh-rlhf harmless test split: the example copy if present, else the shared one."""
-    for candidate in (Path("/work/main/examples/hh-rlhf/test.jsonl.gz"),
-                      Path("/work/shared/data/hh-rlhf-harmless/test.jsonl.gz")):
-        if candidate.exists():
-            return candidate
-    pytest.skip("hh-rlhf data not available")
+    """The real Anthropic hh-rlhf harmless test split, as the repository ships it in examples/."""
+    return Path(__file__).parent.parent / "examples" / "hh-rlhf" / "harmless-test.jsonl.gz"
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -400,3 +396,23 @@ def test_load_data_honours_columns_and_skip_invalid(tmp_path):
     train, _ = load_data(DataConfig(train=str(FIX / "mixed.jsonl"), skip_invalid=True), seed=0)
     assert len(train.examples) == 3 and len(train.rejected) == 2
     assert isinstance(train.examples[0], Conversation) and not isinstance(train.examples[0], Preference)
+
+
+# --- the system prompt every example shares ----------------------------------------------------------------
+
+def test_common_system_prompt():
+    def conv(system=None):
+        head = (Message(S, system),) if system else ()
+        return Conversation(head + (Message(U, "q"), Message(A, "a")))
+
+    assert common_system_prompt([conv("Be brief."), conv("Be brief.")]) == "Be brief."
+    assert common_system_prompt([conv("Be brief."), conv("Be kind.")]) is None
+    assert common_system_prompt([conv("Be brief."), conv()]) is None  # one example trained without it
+    assert common_system_prompt([conv("Be brief."), conv()], default="Be brief.") == "Be brief."  # data.system_prompt
+    assert common_system_prompt([conv(), conv()], default="Be brief.") == "Be brief."
+    assert common_system_prompt([conv(), conv()]) is None and common_system_prompt([]) is None
+    pair = Preference(msgs((S, "Be brief."), (U, "q")), msgs((A, "a")), msgs((A, "b")))
+    assert common_system_prompt([pair, conv("Be brief.")]) == "Be brief."
+    assert common_system_prompt([Document("text")]) is None
+    banking = load_examples(str(Path(__file__).parent.parent / "examples" / "banking77" / "test.jsonl")).examples
+    assert common_system_prompt(banking) == banking[0].messages[0].content

@@ -103,9 +103,10 @@ def run_check(args, console: Console) -> int:
         out = {**report.to_dict(), "error_count": len(report.errors), "warning_count": len(report.warnings)}
         sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     else:
-        report.render(Console(soft_wrap=True, highlight=False, emoji=False))
+        out = Console(soft_wrap=True, highlight=False, emoji=False)
+        report.render(out)
         if args.report:
-            console.print(f"full report: {args.report}", highlight=False, soft_wrap=True)
+            out.print(f"full report: {args.report}", markup=False)
     return 1 if report.errors else 0
 
 

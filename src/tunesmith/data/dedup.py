@@ -95,16 +95,17 @@ def near_duplicate_pairs(texts: Sequence[str], threshold: float = THRESHOLD,
     return similar_pairs([shingles(t) for t in texts], threshold, keep)
 
 
-COMMON_FRACTION = 0.5
+COMMON_FRACTION = 0.9
 COMMON_MIN_ROWS = 20
 
 
 def drop_common(sets: Sequence[frozenset[int]], fraction: float = COMMON_FRACTION,
                 min_rows: int = COMMON_MIN_ROWS) -> list[frozenset[int]]:
-    """The shingle sets without the shingles that more than `fraction` of them contain (a system message or an
-    instruction every row repeats, a licence header on every document): those say nothing about whether two
-    rows are near copies of each other, and with a long shared text they would make every row look like every
-    other. Sets of fewer than `min_rows` rows are returned as they are (too few to tell what is shared)."""
+    """The shingle sets without the shingles that more than `fraction` of them contain: a template (a fixed
+    instruction, a licence header) that (almost) every row repeats says nothing about whether two rows are
+    near copies of each other, and a long one would make every row look like every other. The fraction is high
+    so that a real majority of near copies is still found. Fewer than `min_rows` sets are returned as they are
+    (too few to tell what is shared)."""
     if len(sets) < min_rows:
         return list(sets)
     counts: dict[int, int] = {}
