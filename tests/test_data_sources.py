@@ -194,7 +194,7 @@ def test_hub_id_without_network_does_not_retry(monkeypatch):
 
 def test_text_and_markdown_files_are_one_document_each(tmp_path):
     (tmp_path / "a.txt").write_text("first line\nsecond line\n")
-    (tmp_path / "b.md.gz").write_bytes(gzip.compress("# Title\n\nbody".encode()))
+    (tmp_path / "b.md.gz").write_bytes(gzip.compress(b"# Title\n\nbody"))
     got = list(read_rows([str(tmp_path / "a.txt"), str(tmp_path / "b.md.gz")]))
     assert got == [({"text": "first line\nsecond line\n"}, Source(str(tmp_path / "a.txt"), 1)),
                    ({"text": "# Title\n\nbody"}, Source(str(tmp_path / "b.md.gz"), 1))]
