@@ -58,7 +58,7 @@ def boilerplate_findings(docs: Sequence[Document]) -> list[Finding]:
 
 def leakage_findings(train: Sequence, held: Sequence) -> list[Finding]:
     """Held-out documents that also occur in training (error), are near copies of a training document, or
-    share long verbatim passages with training (warnings)."""
+    (among the others) share long verbatim passages with training (warnings)."""
     train_docs = [d for d in train if isinstance(d, Document)]
     held_docs = [d for d in held if isinstance(d, Document)]
     keys = {dedup.normalise_text(d.text): d for d in train_docs}
@@ -78,7 +78,8 @@ def leakage_findings(train: Sequence, held: Sequence) -> list[Finding]:
                                  f"near duplicates (Jaccard >= {dedup.THRESHOLD})",
                                  [f"{_where(held_docs[e])} ~ {_where(train_docs[t])}" for e, t in near],
                                  "check whether these make the held-out perplexity too easy"))
-    findings += _passage_findings(train_docs, held_docs)
+    reported = {e for e, _ in near} | {i for i, d in enumerate(held_docs) if dedup.normalise_text(d.text) in keys}
+    findings += _passage_findings(train_docs, [d for i, d in enumerate(held_docs) if i not in reported])
     return findings
 
 

@@ -5,6 +5,7 @@ answer's tokens with the same template and label mask as training."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ class Engine:
         renderer = Renderer(self.tokenizer, max_length=1 << 30, system_prompt=self.system_prompt)
         seqs = []
         for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
-            context = tuple(Message(m.role, m.content, train=False) for m in prompt)
+            context = tuple(replace(m, train=False) for m in prompt)
             item = renderer.sft(Conversation(context + tuple(target)))
             if item is None:
                 raise TunesmithError(f"eval example {i}: its reference answer renders to no tokens",

@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from ..data.formats import messages_text, prompt_messages, target_messages
-from ..data.types import Dataset, Example, Message, Unpaired
+from ..data.types import Dataset, Document, Example, Message, Unpaired
 from ..errors import TunesmithError
 from .candidates import (
     Candidate,
@@ -113,14 +113,15 @@ def evaluate(data: DataLike, candidates: str | Sequence[str] = ("base", "base+fe
     # Everything that can be wrong with the inputs fails here, before a model is loaded.
     base_spec = shared_base(cands, base)
     eval_set = subsample(load_set(data, data_format, columns, "eval data"), max_examples, sample_seed)
-    references = [reference_text(reference_messages(ex)) for ex in eval_set]
+    documents = isinstance(eval_set[0], Document)  # scored by perplexity: no references (eval/documents.py)
+    references = [] if documents else [reference_text(reference_messages(ex)) for ex in eval_set]
     for spec in metric_specs:
         parse_metric(spec, references)
     reg_set = None
     if regression is not None:
         reg_set = subsample(load_set(regression, data_format, columns, "regression data"), max_examples, sample_seed)
     train = None
-    if any(c.fewshot for c in cands):
+    if any(c.fewshot for c in cands) and not documents:
         train, where = _train_examples(train_data, cands, data_format, columns)
         console.print(f"few-shot examples come from {where} (seed {fewshot_seed})", highlight=False)
     remote_judge = None
@@ -157,6 +158,10 @@ def evaluate(data: DataLike, candidates: str | Sequence[str] = ("base", "base+fe
 def compare_on(name: str, engine: Engine, dataset: Sequence[Example], cands: Sequence[Candidate],
                metric_specs: Sequence[str], train: Sequence[Example] | None, fewshot_seed: int,
                judge: Judge | None, console: Console) -> SetResult:
+    if isinstance(dataset[0], Document):
+        from .documents import compare_documents
+
+        return compare_documents(name, engine, dataset, cands, metric_specs, judge, console)
     prompts = [prompt_messages(ex) for ex in dataset]
     targets = [reference_messages(ex) for ex in dataset]
     references = [reference_text(t) for t in targets]
@@ -205,7 +210,7 @@ def reference_messages(example: Example) -> tuple[Message, ...]:
 
 
 def reference_text(target: Sequence[Message]) -> str:
-    return "\n".join(m.content for m in target)
+    return "\n".join(m.text for m in target)  # a tool call in its canonical syntax (Message.text)
 
 
 def regression_candidates(cands: Sequence[Candidate]) -> list[Candidate]:
