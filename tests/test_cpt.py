@@ -167,3 +167,17 @@ def test_embedding_lr_gives_the_embedding_and_head_their_own_group(tiny_dir):
     groups = {g["name"]: g for g in optimizer_param_groups(full, full_cfg, lr=1e-3, weight_decay=0.0)}
     assert [p is full.get_input_embeddings().weight for p in groups["embedding"]["params"]] == [True]  # tied: once
     assert sum(len(g["params"]) for g in groups.values()) == sum(1 for p in full.parameters() if p.requires_grad)
+
+
+def test_stages_cpt_then_sft(tiny_dir, corpus):
+    """Adapt to the domain's text first, then teach the task: each stage starts from the one before."""
+    cfg = {"name": "staged", "output_dir": str(corpus["root"] / "runs"), "model": str(tiny_dir), "device": "cpu",
+           "precision": "fp32", "data": {"max_length": 24, "window_overlap": 2},
+           "train": {"lr": 1e-2, "max_steps": 3, "micro_batch_size": 4, "warmup_ratio": 0.0},
+           "stages": [{"method": "cpt", "data": str(corpus["train"])},
+                      {"method": "sft", "data": {"train": str(corpus["general"]), "max_length": 64}}]}
+    run = tunesmith.train(cfg, progress=False)
+    first, second = run.stages
+    assert first.info["method"] == "cpt" and first.info["data"]["render"]["documents"] == 12
+    assert second.info["method"] == "sft" and "documents" not in second.info["data"]["render"]
+    assert (run.path / "adapter" / "adapter_model.safetensors").exists()

@@ -186,3 +186,12 @@ def test_data_preview_shows_windows_with_overlap_as_context(tmp_path, tiny_dir, 
 
 def tok_of(path):
     return AutoTokenizer.from_pretrained(path)
+
+
+def test_check_data_from_the_python_api(tmp_path, tiny_dir):
+    import tunesmith
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "hello world " * 30}) + "\n")
+    report = tunesmith.check_data(str(path), str(tiny_dir), max_length=16, window_overlap=2)
+    assert report.kind == "document" and report.documents["windows"] > 1 and not report.errors

@@ -15,6 +15,7 @@ from .api import (  # noqa: E402
     EvalResult,
     Run,
     RunConfig,
+    check_data,
     evaluate,
     load_config,
     open_adapters,
@@ -23,5 +24,5 @@ from .api import (  # noqa: E402
     train,
 )
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "__version__", "evaluate", "load_config", "open_adapters",
-           "open_model", "parse_config", "train"]
+__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "__version__", "check_data", "evaluate", "load_config",
+           "open_adapters", "open_model", "parse_config", "train"]

@@ -58,6 +58,17 @@ class ChatModel:
         self.adapters.use(name)
 
 
+def check_data(data: str | list[str], model: str | None = None, **options: Any):
+    """`tunesmith data check`: load `data` leniently and report what is wrong or suspicious about it (a
+    `tunesmith.data.doctor.Report`; `.errors`, `.warnings`, `.write(path)` for the full JSON). With `model`,
+    token lengths (documents: windows) are measured with its tokenizer and chat template. `options` are those of
+    `tunesmith.data.doctor.check_data` (eval_spec, max_length, truncation, window_overlap, ...)."""
+    from .data.doctor import check_data as check
+    from .model.load import load_tokenizer
+
+    return check(data, load_tokenizer(model) if model else None, **options)
+
+
 def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "auto") -> ChatModel:
     """A run folder (base + its adapter) or a model spec ("default", HF dir, .gguf, hub id)."""
     from .model.device import make_runtime
@@ -95,5 +106,5 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
 
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "evaluate", "load_config", "open_adapters", "open_model",
-           "parse_config", "train"]
+__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "check_data", "evaluate", "load_config", "open_adapters",
+           "open_model", "parse_config", "train"]
