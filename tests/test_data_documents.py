@@ -75,7 +75,7 @@ def test_documents_are_windowed_trained_in_full_and_counted(tok):
     text = "the quick brown fox jumps over the lazy dog " * 6
     ids = document_ids(tok, text, end_of_text_id(tok), bos=False)
     renderer = Renderer(tok, max_length=16, window_overlap=3)
-    items = renderer.documents([doc(text), doc("hello world", 2)])
+    items = renderer.document(doc(text)) + renderer.document(doc("hello world", 2))
     n_windows = len(windows(len(ids), 16, 3))
     assert len(items) == n_windows + 1 and all(len(x) <= 16 for x in items)
     assert [x.source for x in items] == [Source("docs.jsonl", 1)] * n_windows + [Source("docs.jsonl", 2)]
@@ -111,6 +111,22 @@ def test_packed_windows_stay_apart_and_cross_document_windows_attend_across(tok,
     torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
     second_alone = alone[1].logp_sum
     assert not torch.allclose(logps[len(apart[0]):].sum(), second_alone, atol=1e-4)
+
+
+def test_cpt_items_are_the_windows_and_the_counts_match_them(tok):
+    from tunesmith.methods import get_method
+
+    docs = [doc("hello world " * 10, 1), doc("the lazy dog " * 10, 2), doc("fox", 3)]
+    for cross in (False, True):
+        renderer = Renderer(tok, max_length=12, window_overlap=2, cross_document=cross)
+        method = get_method("cpt")
+        items, note = method.prepare([method.render(renderer, d) for d in docs], 4, "train")
+        expected, counts = render_documents(tok, docs, 12, 2, cross)
+        assert items == expected and note is None
+        stats = renderer.stats.as_dict()
+        assert (stats["documents"], stats["windows"], stats["tokens"], stats["trained_tokens"]) == \
+            (3, counts.windows, counts.tokens, counts.trained_tokens)
+        assert stats["trained_tokens"] == sum(x.n_target for x in items)
 
 
 def test_long_stream_windows_name_the_document_their_targets_come_from(tok):

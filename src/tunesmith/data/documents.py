@@ -72,7 +72,9 @@ def windows(n: int, max_length: int, overlap: int) -> list[tuple[int, int, int]]
         start = stop - overlap
 
 
-def _windowed(ids: list[int], max_length: int, overlap: int, source: Source | None) -> list[Tokenized]:
+def window_items(ids: Sequence[int], max_length: int, overlap: int, source: Source | None) -> list[Tokenized]:
+    """One document's (or one stream's) windows, every token a target once (see the module docstring)."""
+    ids = list(ids)
     items = []
     for start, stop, first in windows(len(ids), max_length, overlap):
         labels = [IGNORE] * (first - start) + ids[first:stop]
@@ -81,46 +83,56 @@ def _windowed(ids: list[int], max_length: int, overlap: int, source: Source | No
     return items
 
 
+def stream_items(docs: Sequence[tuple[Sequence[int], Source | None]], max_length: int, overlap: int
+                 ) -> list[Tokenized]:
+    """The windows of the documents' concatenation (cross-document attention); a window names the document its
+    first target belongs to."""
+    if not docs:
+        return []
+    stream = [t for ids, _ in docs for t in ids]
+    ends, at = [], 0
+    for ids, src in docs:
+        at += len(ids)
+        ends.append((at, src))
+    items, k = [], 0
+    for item, (_, _, first) in zip(window_items(stream, max_length, overlap, None),
+                                   windows(len(stream), max_length, overlap), strict=True):
+        while ends[k][0] <= first:
+            k += 1
+        items.append(Tokenized(item.input_ids, item.labels, ends[k][1]))
+    return items
+
+
+def stream_counts(n: int, max_length: int, overlap: int) -> tuple[int, int]:
+    """(windows, trained tokens) of a stream of n tokens."""
+    spans = windows(n, max_length, overlap)
+    return len(spans), sum(stop - max(first, start + 1) for start, stop, first in spans)
+
+
 def render_documents(tokenizer, docs: Sequence[Document], max_length: int, overlap: int = 0,
                      cross_document: bool = False) -> tuple[list[Tokenized], DocumentCounts]:
     """Every document's windows (or, with cross_document, the windows of their concatenation) and the counts."""
     end_id = end_of_text_id(tokenizer)
-    bos = _adds_bos(tokenizer)
+    bos = adds_bos(tokenizer)
     counts = DocumentCounts(documents=len(docs))
-    streams: list[tuple[list[int], Source | None]] = []
+    kept: list[tuple[list[int], Source | None]] = []
     for doc in docs:
         ids = document_ids(tokenizer, doc.text, end_id, bos)
         if len(ids) - bos < 2:  # the separator alone: the text gave no tokens
             counts.dropped.append(str(doc.source) if doc.source else "?")
             continue
-        streams.append((ids, doc.source))
-    if cross_document and streams:
-        stream = [t for ids, _ in streams for t in ids]
-        items = _windowed(stream, max_length, overlap, streams[0][1])
-        _name_sources(items, streams, max_length, overlap)
+        kept.append((ids, doc.source))
+    if cross_document:
+        items = stream_items(kept, max_length, overlap)
     else:
-        items = [w for ids, src in streams for w in _windowed(ids, max_length, overlap, src)]
+        items = [w for ids, src in kept for w in window_items(ids, max_length, overlap, src)]
     counts.windows = len(items)
-    counts.tokens = sum(len(ids) for ids, _ in streams)
+    counts.tokens = sum(len(ids) for ids, _ in kept)
     counts.trained_tokens = sum(x.n_target for x in items)
     return items, counts
 
 
-def _name_sources(items: list[Tokenized], streams: list[tuple[list[int], Source | None]], max_length: int,
-                  overlap: int) -> None:
-    """A window of the stream names the document its first target belongs to."""
-    ends, at = [], 0
-    for ids, src in streams:
-        at += len(ids)
-        ends.append((at, src))
-    k = 0
-    for i, (_, _, first) in enumerate(windows(ends[-1][0], max_length, overlap)):
-        while ends[k][0] <= first:
-            k += 1
-        items[i] = Tokenized(items[i].input_ids, items[i].labels, ends[k][1])
-
-
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
         return False

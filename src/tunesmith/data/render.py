@@ -76,17 +76,22 @@ class RenderStats:
     truncated: int = 0
     dropped: int = 0
     dropped_sources: list[str] = field(default_factory=list)
-    # documents (continued pre-training): how many, the windows they became, and their tokens
+    # documents (continued pre-training): how many, the windows they become, and their tokens
     documents: int = 0
     windows: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    stream: tuple[int, int] | None = None  # cross-document: (max_length, overlap) the stream is cut with
 
     def as_dict(self) -> dict:
         out = {"rendered": self.rendered, "truncated": self.truncated, "dropped": self.dropped}
         if self.documents:
-            out.update(documents=self.documents, windows=self.windows, tokens=self.tokens,
-                       trained_tokens=self.trained_tokens)
+            windows, trained = self.windows, self.trained_tokens
+            if self.stream is not None:
+                from .documents import stream_counts
+
+                windows, trained = stream_counts(self.tokens, *self.stream)
+            out.update(documents=self.documents, windows=windows, tokens=self.tokens, trained_tokens=trained)
         return out
 
 
@@ -175,6 +180,7 @@ class Renderer:
         self.eot_ids = end_of_turn_ids(tokenizer)
         self._bos = self._tokenizer_adds_bos()
         self._fold_system = False
+        self._document_ids: tuple[int, bool] | None = None  # (end-of-text id, adds BOS), found once
 
     # ---- public API -------------------------------------------------------------------------------
     def sft(self, conv: Conversation) -> Tokenized | None:
@@ -205,31 +211,30 @@ class Renderer:
         return None if tok is None else TokenizedUnpaired(tok, ex.label)
 
     def document(self, doc: Document) -> list[Tokenized]:
-        """One document's windows (documents are never packed together here: see `documents`)."""
-        from .documents import render_documents
+        """A document's windows of max_length tokens, every token trained once (data/documents.py). With
+        cross_document: the document's whole token stream as one sequence, for the method to cut together with
+        the other documents' (`documents.stream_items`). Empty (and counted as dropped) when the text gives no
+        tokens."""
+        from .documents import adds_bos, document_ids, end_of_text_id, window_items
 
-        items, counts = render_documents(self.tok, [doc], self.max_length, self.window_overlap, False)
-        self._count_documents(counts)
-        return items
-
-    def documents(self, docs: Sequence[Document]) -> list[Tokenized]:
-        """Every document as max_length windows, every token trained once (data/documents.py); with
-        cross_document the documents form one stream cut into windows that span document boundaries."""
-        from .documents import render_documents
-
-        items, counts = render_documents(self.tok, docs, self.max_length, self.window_overlap, self.cross_document)
-        self._count_documents(counts)
-        return items
-
-    def _count_documents(self, counts) -> None:
+        if self._document_ids is None:
+            self._document_ids = (end_of_text_id(self.tok), adds_bos(self.tok))
+        end_id, bos = self._document_ids
+        ids = document_ids(self.tok, doc.text, end_id, bos)
         s = self.stats
-        s.rendered += counts.documents
-        s.documents += counts.documents
-        s.windows += counts.windows
-        s.tokens += counts.tokens
-        s.trained_tokens += counts.trained_tokens
-        s.dropped += len(counts.dropped)
-        s.dropped_sources += counts.dropped[: max(0, 1000 - len(s.dropped_sources))]
+        s.rendered += 1
+        s.documents += 1
+        if len(ids) - bos < 2:  # the separator alone: the text gave no tokens
+            self._drop(doc.source)
+            return []
+        s.tokens += len(ids)
+        if self.cross_document:
+            s.stream = (self.max_length, self.window_overlap)
+            return [Tokenized(tuple(ids), (IGNORE, *ids[1:]), doc.source)]
+        items = window_items(ids, self.max_length, self.window_overlap, doc.source)
+        s.windows += len(items)
+        s.trained_tokens += sum(x.n_target for x in items)
+        return items
 
     def prompt_ids(self, messages: Sequence[Message | dict]) -> list[int]:
         """Token ids of a prompt with the generation prompt appended — what serving sends."""
