@@ -1,6 +1,8 @@
 """Build train.jsonl and test.jsonl (one document per line: {"text", "topic"}) from the Python documentation
 topics that ship inside every CPython installation (`pydoc_data.topics`, the text `help("for")` prints; from
-the Python Language Reference, PSF License Version 2, see LICENSE).
+the Python Language Reference, PSF License Version 2, see LICENSE), and general.jsonl: 100 general chat
+conversations (a seeded sample of the valid pairs of ../hh-rlhf, MIT, each prompt with its chosen reply) on
+which the eval measures what the adaptation cost.
 
 The committed files were made with CPython 3.11.7: `python examples/python-docs/prepare.py`. Topics differ a
 little between Python versions, so a rerun on another version writes slightly different files.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 MAX_CHARS = 20_000  # topics longer than this (the data model's special methods, ...) are left out
 HELD_OUT = 14  # at least this many held-out topics
+GENERAL = 100
 RUN, SHARED = 13, 0.2
 HERE = Path(__file__).parent
 
@@ -72,6 +75,20 @@ def main() -> None:
                 f.write(json.dumps({"text": topics[name], "topic": name}, ensure_ascii=False) + "\n")
         size = (HERE / file).stat().st_size
         print(f"{file}: {len(chosen)} topics, {size / 1000:.0f} KB (Python {sys.version.split()[0]})")
+    write_general()
+
+
+def write_general() -> None:
+    """hh-rlhf rows that tunesmith reads (a few have an empty Assistant turn), as conversations."""
+    from tunesmith.data.load import load_examples
+
+    pairs = load_examples(str(HERE.parent / "hh-rlhf" / "harmless-test.jsonl.gz"), skip_invalid=True).examples
+    chosen = sorted(random.Random(0).sample(range(len(pairs)), GENERAL))
+    with open(HERE / "general.jsonl", "w", encoding="utf-8") as f:
+        for i in chosen:
+            messages = [{"role": m.role, "content": m.content} for m in pairs[i].prompt + pairs[i].chosen]
+            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    print(f"general.jsonl: {GENERAL} conversations, {(HERE / 'general.jsonl').stat().st_size / 1000:.0f} KB")
 
 
 if __name__ == "__main__":
