@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .documents import window_items
 from .render import IGNORE, Renderer, Tokenized
 from .types import Conversation, Document, Example, Preference
 
@@ -60,6 +61,9 @@ def example_views(renderer: Renderer, example: Example) -> tuple[list[View], boo
     truncated_before = renderer.stats.truncated
     if isinstance(example, Document):
         windows = renderer.document(example)
+        if renderer.cross_document and windows:  # its own stream; in training the windows run on into the next
+            windows = window_items(windows[0].input_ids, renderer.max_length, renderer.window_overlap,
+                                   example.source)
         views = [View(f"window {k + 1}/{len(windows)}", w) for k, w in enumerate(windows[:WINDOWS_SHOWN])]
         return views, False
     if isinstance(example, Conversation):
