@@ -164,6 +164,15 @@ def prepare_stage(cfg: RunConfig, run_path: Path, console: Console) -> Stage:
 
 def setup_data(cfg: RunConfig, method: Method, run: RunDir, console: Console) -> tuple[Dataset, Dataset | None]:
     train_ds, eval_ds = load_data(cfg.data, cfg.train.seed)
+    check_data_kind(cfg, method, train_ds)
+    if train_ds.rejected:
+        write_rejects(train_ds, run.path / "rejects.jsonl")
+        console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
+    return train_ds, eval_ds
+
+
+def check_data_kind(cfg: RunConfig, method: Method, train_ds: Dataset) -> None:
+    """The training data are of the kind the method trains on (what training and the plan both check)."""
     if train_ds.kind != method.example_kind:
         raise TunesmithError(
             f"method '{cfg.method}' trains on {method.example_kind} examples but the data in {cfg.data.train} "
@@ -171,10 +180,6 @@ def setup_data(cfg: RunConfig, method: Method, run: RunDir, console: Console) ->
             hint="use preference data (prompt/chosen/rejected) for dpo/ipo/orpo/simpo, labelled "
                  "prompt/completion/label rows for kto, conversations for sft, and documents (a text column, "
                  ".txt/.md files) for cpt")
-    if train_ds.rejected:
-        write_rejects(train_ds, run.path / "rejects.jsonl")
-        console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
-    return train_ds, eval_ds
 
 
 def setup_model(cfg: RunConfig, rt: Runtime, console: Console) -> tuple[torch.nn.Module, Any]:
