@@ -57,6 +57,7 @@ def test_cpt_from_a_folder_of_documents_to_a_perplexity_win(tiny_dir, corpus):
     assert run.info["data"]["format"] == "text" and run.info["data"]["examples"] == 12
     assert render["documents"] == 12 and render["windows"] > 12 and render["dropped"] == 0
     assert render["trained_tokens"] == render["tokens"] - 12  # overlap >= 1: every token but each first
+    assert run.info["plan"]["data"]["examples"] == render["windows"]  # the plan before training: the same windows
     losses = [m["loss"] for m in run.metrics if "loss" in m]
     assert losses[-1] < losses[0] - 1.0, losses
     summary = run.info["eval"]
