@@ -182,3 +182,38 @@ def test_stages_cpt_then_sft(tiny_dir, corpus):
     assert first.info["method"] == "cpt" and first.info["data"]["render"]["documents"] == 12
     assert second.info["method"] == "sft" and "documents" not in second.info["data"]["render"]
     assert (run.path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_two_processes_train_cross_document_windows_as_one(tiny_dir, corpus, tmp_path):
+    """DDP on 2 processes (gloo, torchrun) at global batch 8 = 2 x 2 x 2 trains the same steps as one process
+    at 2 x 4: the stream of documents is cut into the same windows on every rank."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    here = Path(__file__).resolve().parent
+    cfg = cpt_config(tiny_dir, corpus, name="ddp", cross_document=True)
+    cfg.pop("eval")
+    cfg["output_dir"] = str(tmp_path / "two")
+    cfg["train"].update(max_steps=3, micro_batch_size=2, global_batch_size=8, lr=5e-3)
+    (tmp_path / "jobs.json").write_text(json.dumps([{"config": cfg}]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent / "src"), str(here)]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(here / "dist_driver.py"), str(tmp_path / "jobs.json"), str(tmp_path / "out.jsonl")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes, ddp" in proc.stderr
+    assert json.loads((tmp_path / "out.jsonl").read_text()) == {"name": "ddp", "ok": True}
+    one = tunesmith.train({**cfg, "output_dir": str(tmp_path / "one")}, progress=False, evaluate=False)
+
+    def run_losses(path: Path) -> list[float]:
+        return [r["loss"] for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    two = tmp_path / "two" / "ddp"
+    assert len(run_losses(two)) == 3 and run_losses(two) == pytest.approx(run_losses(one.path), abs=1e-5)
+    w1, w2 = (load_file(next((p / "adapter").glob("*.safetensors"))) for p in (one.path, two))
+    assert w1.keys() == w2.keys() and w1
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
