@@ -12,6 +12,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .api import (  # noqa: E402
     ChatModel,
+    EvalConfig,
     EvalResult,
     Run,
     RunConfig,
@@ -23,5 +24,5 @@ from .api import (  # noqa: E402
     train,
 )
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "__version__", "evaluate", "load_config", "open_adapters",
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Run", "RunConfig", "__version__", "evaluate", "load_config", "open_adapters",
            "open_model", "parse_config", "train"]
