@@ -155,7 +155,7 @@ def test_candidates_share_one_base_load_and_swap_adapters(env, tmp_path, monkeyp
 
     monkeypatch.setattr("tunesmith.eval.run.Engine", Spy)
     result = tunesmith.evaluate(env.eval, [str(env.fit), str(env.noop), "base", f"{env.fit}+fewshot:2"],
-                                ["exact"], train_data=env.train, device="cpu", precision="fp32",
+                                metrics=["exact"], train_data=env.train, device="cpu", precision="fp32",
                                 max_new_tokens=8)
     assert loads == [str(env.model)]  # the base is loaded once, for every candidate
     (engine,) = created
@@ -190,7 +190,7 @@ def test_require_win_fails_against_itself_and_passes_a_planted_win(env, tmp_path
     out = tmp_path / "noop"
     code = main(["eval", "--data", str(env.eval), "--candidates", f"base,{env.noop}", "--metric", "exact",
                  "--require-win", "--out", str(out), *COMMON])
-    assert code == 1
+    assert code == 6  # the verdict's own exit code
     err = capsys.readouterr().err
     assert f"{env.noop} does NOT beat base" in err and "The fine-tune does NOT win" in err
     assert json.loads((out / "results.json").read_text())["won"] is False  # written before failing
@@ -228,7 +228,7 @@ def test_loss_metric_matches_a_hand_computation_and_lower_is_better(env):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = tunesmith.evaluate(env.eval, ["base", str(env.fit)], ["loss"], device="cpu", precision="fp32")
+    result = tunesmith.evaluate(env.eval, ["base", str(env.fit)], metrics=["loss"], device="cpu", precision="fp32")
     (comparison,) = result.main.comparisons
     assert comparison.higher_is_better is False and comparison.unit == "nats"
     assert result.main.outputs == {}  # loss alone needs no generation
@@ -309,8 +309,8 @@ def test_local_judge_that_is_the_base_model_reuses_it(env, tmp_path, monkeypatch
     loads = []
     real = engine_module.load_model_and_tokenizer
     monkeypatch.setattr(engine_module, "load_model_and_tokenizer", lambda *a, **k: loads.append(1) or real(*a, **k))
-    result = tunesmith.evaluate(env.eval, ["base", str(env.fit)], ["exact"], judge=str(env.model), device="cpu",
-                                precision="fp32", max_new_tokens=4, max_examples=3)
+    result = tunesmith.evaluate(env.eval, ["base", str(env.fit)], metrics=["exact"], judge=str(env.model),
+                                device="cpu", precision="fp32", max_new_tokens=4, max_examples=3)
     judged = result.main.judge[(str(env.fit), "base")]
     assert len(loads) == 1  # the judge runs on the already loaded base model
     assert judged.n == 3 and len(judged.raw) == 3
@@ -363,9 +363,9 @@ def test_candidate_errors_are_clear(env, tmp_path, monkeypatch):
     info["model"] = "some/other-model"
     (other / "run.json").write_text(json.dumps(info))
     with pytest.raises(TunesmithError, match="different base models"):
-        tunesmith.evaluate(env.eval, [str(env.noop), str(other)], ["exact"], device="cpu")
+        tunesmith.evaluate(env.eval, [str(env.noop), str(other)], device="cpu")
     with pytest.raises(TunesmithError, match="needs training examples"):
-        tunesmith.evaluate(env.eval, ["base+fewshot:2", str(env.noop)], ["exact"], device="cpu")
+        tunesmith.evaluate(env.eval, ["base+fewshot:2", str(env.noop)], device="cpu")
     assert main(["eval", "--data", str(env.eval), "--candidates", "base", "--base", str(env.model),
                  "--metric", "bleu", *COMMON]) == 2
     assert main(["eval", "--data", str(env.eval), "--candidates", str(env.noop), "--regression",

@@ -85,7 +85,7 @@ def run(args, console: Console) -> int:
     from ..errors import TunesmithError
     from ..eval.run import evaluate
 
-    settings = {k: v for k, v in vars(args).items() if k in EvalConfig.model_fields}
+    settings = {k: v for k, v in vars(args).items() if k in EvalConfig.model_fields and k != "data"}
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
