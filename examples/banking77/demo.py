@@ -26,7 +26,7 @@ def ladder_table(results: dict) -> list[str]:
                      f"{100 * r['mean']:5.1f}% ({100 * r['lo']:.1f} … {100 * r['hi']:.1f})", cost, latency,
                      str(r["cut_off"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def main() -> int:

@@ -357,9 +357,7 @@ def answer_all(ctx: _Context, set_name: str, c: Candidate, prompts: list[tuple[M
                                             "no language model", answers, None, ctx.rate)
     assert prompts is not None
     messages = [_chat_messages(p, ctx.system_prompt) for p in prompts]
-    ids = [ctx.tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=True) for m in messages] \
-        if c.kind == "endpoint" else [ctx.engine.prompt_ids(c, p) for p in prompts]  # type: ignore[union-attr]
-    ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
+    ids = [_prompt_ids(ctx, c, p, m) for p, m in zip(prompts, messages, strict=True)]
     cacheable = float(shared_prefix_length(ids)) if len(ids) > 1 else 0.0
     store = AnswerStore(Path(ctx.cfg.out) / "answers" / set_name, c.name, ctx.cfg.resume) if ctx.cfg.out else None
     identity = c.name if c.kind == "endpoint" else f"{c.name} on {ctx.engine.ran_on(c)}"  # type: ignore[union-attr]
@@ -383,6 +381,14 @@ def answer_all(ctx: _Context, set_name: str, c: Candidate, prompts: list[tuple[M
         return answers, endpoint_usage(c.name, str(c.url), str(c.model), answers,
                                        sum(a.seconds for a in answers), local_prompt, cacheable, ctx.prices)
     return answers, local_usage(c.name, ctx.engine.ran_on(c), answers, cacheable, ctx.rate)  # type: ignore[union-attr]
+
+
+def _prompt_ids(ctx: _Context, c: Candidate, prompt: Sequence[Message], messages: list[dict]) -> list[int]:
+    """The prompt's tokens as the local model sees them (an endpoint's prompt: with the base's template)."""
+    if ctx.engine is not None:
+        return ctx.engine.prompt_ids(c if c.local else Candidate("base"), prompt)
+    ids = ctx.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def _ask_endpoint(ctx: _Context, c: Candidate, messages: list[list[dict]], keys: list[str],
