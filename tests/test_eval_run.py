@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -627,3 +628,25 @@ def test_evaluate_takes_an_eval_config(env, tmp_path):
     assert (tmp_path / "o" / "results.json").exists()
     again = tunesmith.evaluate(env.eval, cfg.model_dump(), max_examples=4)
     assert again.main.outputs == result.main.outputs
+
+
+def test_embedding_retrieval_and_documents_end_to_end(env, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "faq.md").write_text("Cards arrive within a week.\n\nThe fox is quick and brown.")
+    result = tunesmith.evaluate(env.eval, ["knn:1:embed", "base+rag:1:embed", "base+docs:1"], train_data=env.train,
+                                docs=str(docs), base=str(env.model), device="cpu", precision="fp32",
+                                max_new_tokens=4, max_examples=4)
+    assert result.main.outputs["knn:1:embed"] == [LABEL] * 4
+    added = result.main.results["prompts_added"]
+    assert all(len(s) == 1 for s in added["base+rag:1:embed"]["rag"]) and len(added["base+docs:1"]["docs"]) == 4
+    # with a separate encoder folder (any Hugging Face model; here the tiny one) instead of the base model
+    again = tunesmith.evaluate(env.eval, ["knn:2:embed"], train_data=env.train, embedder=str(env.model),
+                               base=str(env.model), device="cpu", precision="fp32", max_examples=4)
+    assert again.main.outputs["knn:2:embed"] == [LABEL] * 4
+    from tunesmith.eval.candidates import Candidate
+
+    engine = engine_module.Engine(str(env.model), [Candidate("base")], device="cpu", precision="fp32", batch_size=2)
+    vectors = engine.embed(["hello world", "the quick brown fox", "hello world"])
+    assert vectors.shape == (3, 64) and np.allclose(vectors[0], vectors[2], atol=1e-5)
+    assert not np.allclose(vectors[0], vectors[1])
