@@ -124,4 +124,6 @@ def format_usd(value: float | None) -> str:
 def format_seconds(value: float | None) -> str:
     if value is None:
         return "n/a"
+    if value < 0.0005:
+        return "<1 ms"
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"

@@ -280,7 +280,7 @@ def cost_chart_svg(ladder: Sequence[Mapping[str, Any]], unit: str, metric: str) 
     x0, x1 = math.floor(min(lows)), math.ceil(max(lows))
     x1 = x1 if x1 > x0 else x0 + 1
     top = 100.0 if unit == "pts" else max(highs + [1e-9]) * 1.1
-    width, height, left, right, top_px, plot_h = 640, 320, 60, 20, 20, 240
+    width, height, left, right, top_px, plot_h = 860, 320, 60, 240, 20, 240
     plot_w = width - left - right
 
     def px(usd: float) -> float:
@@ -303,30 +303,32 @@ def cost_chart_svg(ladder: Sequence[Mapping[str, Any]], unit: str, metric: str) 
         parts.append(f'<text x="{left - 6}" y="{ty + 4:.1f}" text-anchor="end" font-size="11">{label}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height + 22}" text-anchor="middle" font-size="12">'
                  f'$ per 1,000 queries (log scale)</text>')
-    for r in points:
+    for i, r in enumerate(sorted(points, key=lambda r: r["usd_per_1k"])):
         x, fill = px(r["usd_per_1k"]), "#2b7bb9" if r["tuned"] else "#9aa5b1"
+        dy = 4 + 13 * (i % 3) - 13  # neighbouring labels at three heights, so that close rungs stay readable
         parts += [f'<line class="ci" x1="{x:.1f}" y1="{py(r["lo"]):.1f}" x2="{x:.1f}" y2="{py(r["hi"]):.1f}" '
                   f'stroke="#111"/>',
                   f'<circle class="rung" cx="{x:.1f}" cy="{py(r["mean"]):.1f}" r="5" fill="{fill}">'
                   f'<title>{escape(r["name"])}: {_scaled(r["mean"], unit)}, {format_usd(r["usd_per_1k"])} per 1k'
                   f'</title></circle>',
-                  f'<text x="{x + 8:.1f}" y="{py(r["mean"]) + 4:.1f}" font-size="11">{escape(r["name"][:28])}</text>']
+                  f'<text x="{x + 8:.1f}" y="{py(r["mean"]) + dy:.1f}" font-size="11">{escape(r["name"][:40])}</text>']
     parts.append("</svg>")
     return "\n".join(parts)
 
 
-def _html_table(rows: Sequence[Sequence[str]], pre: bool = False) -> str:
+def _html_table(rows: Sequence[Sequence[str]], pre: bool = False, cls: str = "") -> str:
     head = "".join(f"<th>{escape(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{_pre(c) if pre else escape(c)}</td>" for c in row) + "</tr>"
                    for row in rows[1:])
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<table class="{cls}"><tr>{head}</tr>{body}</table>' if cls else f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _html_ladder(comparisons: Sequence[Comparison], results: Mapping[str, Any]) -> list[str]:
     if not results.get("ladder"):
         return []
     c = comparisons[0]
-    body = [f"<h2>The ladder ({escape(c.metric)}, cheapest first)</h2>", _html_table(ladder_rows(results, c.unit)),
+    body = [f"<h2>The ladder ({escape(c.metric)}, cheapest first)</h2>",
+            _html_table(ladder_rows(results, c.unit), cls="ladder"),
             cost_chart_svg(results["ladder"], c.unit, c.metric)]
     worth = results.get("worth")
     if worth:
@@ -348,7 +350,8 @@ def _html_ladder(comparisons: Sequence[Comparison], results: Mapping[str, Any]) 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#111}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
 pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px;max-width:40em}
-.win{color:#11691f;font-weight:bold}.worse{color:#a11}"""
+.win{color:#11691f;font-weight:bold}.worse{color:#a11}
+.ladder td{white-space:nowrap}.ladder td:last-child{white-space:normal}"""
 
 
 def _pre(text: str | None) -> str:
