@@ -650,3 +650,21 @@ def test_embedding_retrieval_and_documents_end_to_end(env, tmp_path):
     vectors = engine.embed(["hello world", "the quick brown fox", "hello world"])
     assert vectors.shape == (3, 64) and np.allclose(vectors[0], vectors[2], atol=1e-5)
     assert not np.allclose(vectors[0], vectors[1])
+
+
+def test_prompt_inputs_fail_before_a_model_is_loaded(env, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(engine_module, "load_model_and_tokenizer", lambda *a, **k: loads.append(a))
+    free = tmp_path / "free.jsonl"
+    _write(free, _prompts(3, seed=4, length=3), answer=" ".join(["a long free text answer"] * 5))
+    with pytest.raises(TunesmithError, match="label-style training data"):
+        tunesmith.evaluate(env.eval, ["base+labels"], train_data=free, base=str(env.model), device="cpu")
+    with pytest.raises(TunesmithError, match="pass --docs FOLDER"):
+        tunesmith.evaluate(env.eval, ["base+docs:2"], base=str(env.model), device="cpu")
+    with pytest.raises(TunesmithError, match="no such folder"):
+        tunesmith.evaluate(env.eval, ["base+docs:2"], docs=str(tmp_path / "nope"), base=str(env.model))
+    with pytest.raises(TunesmithError, match="loss metric needs log-probs"):
+        tunesmith.evaluate(env.eval, ["base", "knn:2"], metrics=["loss"], train_data=env.train, base=str(env.model))
+    with pytest.raises(TunesmithError, match="--resume needs the output folder"):
+        tunesmith.evaluate(env.eval, ["base"], resume=True, base=str(env.model))
+    assert loads == []

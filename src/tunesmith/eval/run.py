@@ -39,8 +39,9 @@ from .judge import Judge, JudgeResult, LocalJudge, judge_from_url, judge_pairs
 from .ladder import Rung, Worth, ladder, worth
 from .metrics import JsonFields, Metric, parse_metric, per_field_scores, score_all, summarize_details
 from .output import print_outcome, write_outputs
-from .prompts import PromptBuilder
+from .prompts import PromptBuilder, label_set
 from .report import build_results
+from .retrieval import read_passages
 from .stats import Comparison, compare
 from .stats import require_win as check_win
 
@@ -160,6 +161,7 @@ def evaluate(data: DataLike, config: EvalConfig | dict | str | Sequence[str] | N
         train, where = _train_examples(train_data if train_data is not None else cfg.train_data, cands,
                                        cfg.data_format, columns)
         console.print(f"shots, labels and retrieval use {where} (few-shot seed {cfg.fewshot_seed})", highlight=False)
+    _check_prompt_inputs(cands, train, cfg)
     ctx = _context(cfg, cands, base_spec, judge, train, console)
     ctx.limit = resolve_limit(cfg.max_new_tokens, references, ctx.tokenizer, console)
     console.print(f"evaluating {', '.join(c.name for c in cands)} on {len(eval_set)} examples "
@@ -242,6 +244,17 @@ def _context(cfg: EvalConfig, cands: Sequence[Candidate], base_spec: str, judge:
     if embed_needed:
         ctx.embed = embedder_fn(cfg.embedder, device, precision, cfg.batch_size) if cfg.embedder else engine.embed  # type: ignore[union-attr]
     return ctx
+
+
+def _check_prompt_inputs(cands: Sequence[Candidate], train: list[Example] | None, cfg: EvalConfig) -> None:
+    """Label lists and documents are checked before any model is loaded."""
+    if any(c.labels for c in cands):
+        label_set(train or [])
+    docs = [c.name for c in cands if c.docs]
+    if docs and cfg.docs is None:
+        raise TunesmithError(f"{docs[0]} needs documents to retrieve from", "pass --docs FOLDER")
+    if docs:
+        read_passages(cfg.docs)  # type: ignore[arg-type]
 
 
 def _device_names(engine: Engine | None) -> tuple[str, str]:
