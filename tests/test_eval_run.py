@@ -463,7 +463,8 @@ def test_the_ladder_end_to_end(env, tmp_path, endpoint, capsys):
     worth = results["worth"]
     assert (worth["tuned"], worth["baseline"], worth["worth_it"]) == (str(env.fit), "knn:3", False)
     assert worth["line"].startswith(f"fine-tuning is not worth it: knn:3 is within the interval of {env.fit}")
-    assert f"note: knn:3 comes close to {env.fit}" in err and f"note: {endpoint} comes close" in err
+    assert f"note: knn:3 comes close to {env.fit}: +0.0 pts (95% CI +0.0 … +0.0): a vote of similar training " \
+           "examples, you may not need a language model" in err and f"note: {endpoint} comes close" in err
     assert worth["line"] in err and "ladder (cheapest first; * = fine-tuned)" in err
     assert f"--require-worth: {worth['line']}" in err
     html = (out / "report.html").read_text()

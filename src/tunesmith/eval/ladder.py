@@ -115,9 +115,11 @@ def close_notes(comparison: Comparison, arrays: Mapping[str, np.ndarray], t: str
         pair = compare_pair(arrays[t], arrays[b], t, b, comparison, alpha=comparison.alpha)
         gap = pair.diff if comparison.higher_is_better else -pair.diff
         if pair.outcome != "win" or (comparison.unit == "pts" and gap < CLOSE_PTS):
+            why = ": a vote of similar training examples, you may not need a language model" \
+                if b.startswith("knn:") else ""
             notes.append(f"{b} comes close to {t}: {_num(-pair.diff, comparison.unit, True)} {comparison.unit} "
                          f"(95% CI {_num(-pair.hi, comparison.unit, True)} \u2026 "
-                         f"{_num(-pair.lo, comparison.unit, True)})")
+                         f"{_num(-pair.lo, comparison.unit, True)}){why}")
     return notes
 
 
