@@ -18,8 +18,10 @@ from tunesmith.eval.stats import compare
 from tunesmith.prices import load_prices
 
 EXACT = parse_metric("exact")
-PRICES = {"devices": {"cpu": {"usd_per_hour": 3.6, "date": "2025-06"}, "h100": {"usd_per_hour": 2.0}},
-          "models": {"big": {"input": 2.5, "cached_input": 1.25, "output": 10.0, "date": "2025-06"}}}
+PRICES = {"devices": {"cpu": {"hourly_usd": 3.6, "price_read": "2025-06"}, "h100-80gb": {"hourly_usd": 2.0},
+                      "h100-pcie-80gb": {"hourly_usd": 1.5}, "a100-40gb": {"hourly_usd": 1.2},
+                      "a10-24gb": {"hourly_usd": 0.9}, "a100-80gb": {"hourly_usd": 1.4}},
+          "models": {"big": {"input": 2.5, "cached_input": 1.25, "output": 10.0, "price_read": "2025-06"}}}
 
 
 def test_local_cost_is_device_price_times_machine_time():
@@ -50,21 +52,26 @@ def test_endpoint_cost_from_token_prices_with_and_without_the_prompt_cache():
 def test_device_rate_picks_the_machine_and_names_unknown_devices():
     assert device_rate(PRICES, None, "cpu")[0] == 3.6
     assert device_rate(PRICES, None, "cuda", "NVIDIA H100 80GB HBM3")[0] == 2.0
-    assert device_rate(PRICES, None, "cuda", "NVIDIA A10G") is None
+    assert device_rate(PRICES, None, "cuda", "NVIDIA H100 PCIe")[0] == 1.5
+    assert device_rate(PRICES, None, "cuda", "NVIDIA A100-SXM4-80GB")[0] == 1.4
+    assert device_rate(PRICES, None, "cuda", "NVIDIA A100-PCIE-40GB")[0] == 1.2
+    assert device_rate(PRICES, None, "cuda", "NVIDIA A10")[0] == 0.9
+    assert device_rate(PRICES, "a100-80gb", "cpu")[0] == 1.4  # --device-price NAME wins
+    assert device_rate(PRICES, None, "cuda", "Tesla T4") is None
     with pytest.raises(TunesmithError, match="no hourly price for device 'tpu'"):
         device_rate(PRICES, "tpu", "cpu")
 
 
 def test_shipped_price_table_is_dated_and_sourced_and_can_be_overridden(tmp_path):
     table = load_prices()
-    assert table["devices"]["cpu"]["usd_per_hour"] > 0
+    assert table["devices"]["cpu"]["hourly_usd"] > 0
     for section in ("devices", "models"):
         for name, entry in table[section].items():
-            assert entry.get("date") and str(entry.get("source", "")).startswith("https://"), name
+            assert entry.get("price_read") and "https://" in str(entry.get("price_source", "")), name
     for entry in table["models"].values():
         assert entry["cached_input"] <= entry["input"] and entry["output"] > 0
     mine = tmp_path / "prices.yaml"
-    mine.write_text("models:\n  gpt-4o: {input: 1.0, cached_input: 0.5, output: 2.0, date: 2026-01, source: mine}\n"
+    mine.write_text("models:\n  gpt-4o: {input: 1.0, cached_input: 0.5, output: 2.0, price_read: 2026-01, price_source: mine}\n"
                     "  my-model: {input: 0.1, output: 0.2}\n")
     merged = load_prices(mine)
     assert merged["models"]["gpt-4o"]["input"] == 1.0 and "my-model" in merged["models"]

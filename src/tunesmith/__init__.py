@@ -14,6 +14,7 @@ from .api import (  # noqa: E402
     ChatModel,
     EvalConfig,
     EvalResult,
+    Plan,
     Run,
     RunConfig,
     evaluate,
@@ -21,8 +22,9 @@ from .api import (  # noqa: E402
     open_adapters,
     open_model,
     parse_config,
+    plan,
     train,
 )
 
-__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Run", "RunConfig", "__version__", "evaluate", "load_config", "open_adapters",
-           "open_model", "parse_config", "train"]
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "evaluate",
+           "load_config", "open_adapters", "open_model", "parse_config", "plan", "train"]

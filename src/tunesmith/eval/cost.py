@@ -57,21 +57,30 @@ def latency(answers: Sequence[Answer]) -> tuple[float | None, float | None]:
     return float(p50), float(p95)
 
 
+def _gpu_entry(devices: Mapping[str, Any], device_name: str) -> str | None:
+    """The entry for a GPU by the name it reports ('NVIDIA H100 80GB HBM3'): its model (the key's first part,
+    'h100') must occur in the name; among those, the one with most of the key's parts ('pcie', '80gb'), then
+    the longest model ('a100' over 'a10' in 'NVIDIA A100-SXM4-80GB')."""
+    low = device_name.lower().replace(" ", "").replace("-", "")
+    scored = [((sum(part in low for part in key.lower().split("-")), len(key.split("-")[0])), key)
+              for key in devices if key != "cpu" and key.lower().split("-")[0] in low]
+    return max(scored, key=lambda s: s[0])[1] if scored else None
+
+
 def device_rate(prices: Mapping[str, Any], name: str | None, device: str, device_name: str = ""
                 ) -> tuple[float, str] | None:
     """(dollars per hour, label) of the device the local candidates ran on: the entry `name`, else the
-    `cpu` entry on a CPU or the first GPU entry whose key occurs in the device's name; None when unknown."""
+    `cpu` entry on a CPU or the GPU entry that matches the device's name; None when unknown."""
     devices = prices.get("devices") or {}
     if name is None:
-        lowered = device_name.lower()
-        name = "cpu" if device == "cpu" else next((k for k in devices if k != "cpu" and k.lower() in lowered), None)
+        name = "cpu" if device == "cpu" else _gpu_entry(devices, device_name)
     if name is None:
         return None
     entry = devices.get(name)
-    if not isinstance(entry, dict) or not isinstance(entry.get("usd_per_hour"), (int, float)):
+    if not isinstance(entry, dict) or not isinstance(entry.get("hourly_usd"), (int, float)):
         raise TunesmithError(f"no hourly price for device '{name}' in the price table",
                              f"known devices: {', '.join(devices) or 'none'}; add one with --prices FILE")
-    return float(entry["usd_per_hour"]), f"{name} ${entry['usd_per_hour']}/h ({entry.get('date', 'undated')})"
+    return float(entry["hourly_usd"]), f"{name} ${entry['hourly_usd']}/h ({entry.get('price_read', 'undated')})"
 
 
 def local_usage(name: str, ran_on: str, answers: Sequence[Answer], cacheable: float | None,
@@ -106,7 +115,7 @@ def endpoint_usage(name: str, url: str, model: str, answers: Sequence[Answer], s
         per_cached = float(entry.get("cached_input", per_in))
         usd = (prompt * per_in + new * per_out) / PER_TOKENS * 1000
         usd_cached = ((prompt - cached) * per_in + cached * per_cached + new * per_out) / PER_TOKENS * 1000
-        label = f"{model} ${per_in}/${per_cached}/${per_out} per 1M in/cached/out ({entry.get('date', 'undated')})"
+        label = f"{model} ${per_in}/${per_cached}/${per_out} per 1M in/cached/out ({entry.get('price_read', 'undated')})"
     elif not isinstance(entry, dict):
         note = f"no price for model '{model}' in the price table: add it with --prices FILE"
     return Usage(name, url, n, prompt, cached, new, sum(a.hit_limit for a in answers), p50, p95, seconds, usd,
