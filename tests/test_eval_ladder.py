@@ -11,7 +11,7 @@ import pytest
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.answers import Answer
 from tunesmith.eval.cost import device_rate, endpoint_usage, local_usage
-from tunesmith.eval.ladder import flips, ladder, worth
+from tunesmith.eval.ladder import close_notes, flips, ladder, worth
 from tunesmith.eval.metrics import parse_metric
 from tunesmith.eval.report import cost_chart_svg
 from tunesmith.eval.stats import compare
@@ -124,6 +124,24 @@ def test_not_worth_it_when_the_best_rung_is_within_the_interval():
     assert w.close == [f"base+rag:5 comes close to tuned: -{diff:.1f} pts (95% CI -{100 * w.pair.hi:.1f} … "
                        f"{round(-100 * w.pair.lo, 1) + 0.0:+.1f})"]
     assert w.fixed == list(np.flatnonzero(scores["tuned"] > scores["base+rag:5"])) and w.broke == []
+
+
+def test_close_notes_say_when_a_baseline_is_ahead_or_better():
+    truth = np.random.default_rng(7).random(200)
+    scores = {"tuned": (truth < 0.50).astype(float), "base+rag:5": ((truth >= 0.03) & (truth < 0.55)).astype(float),
+              "http://h/v1#big": (truth < 0.90).astype(float), "base": (truth < 0.10).astype(float)}
+    baselines = ["base+rag:5", "http://h/v1#big", "base"]
+    comparison = compare(scores, ["tuned"], baselines, EXACT)
+    arrays = {n: np.asarray(v) for n, v in scores.items()}
+    rag, big = (100 * (scores[n].mean() - scores["tuned"].mean()) for n in ("base+rag:5", "http://h/v1#big"))
+    notes = close_notes(comparison, arrays, "tuned", baselines)
+    assert len(notes) == 2  # base is far behind: no note
+    assert notes[0].startswith(f"base+rag:5 is ahead of tuned: +{rag:.1f} pts (95% CI ")
+    assert notes[1].startswith(f"http://h/v1#big is better than tuned: +{big:.1f} pts (95% CI +")
+    loss = parse_metric("loss")
+    lower = {"tuned": 1.0 + truth, "base": 0.5 + truth}  # the baseline's loss is lower: better
+    c = compare(lower, ["tuned"], ["base"], loss)
+    assert close_notes(c, lower, "tuned", ["base"])[0].startswith("base is better than tuned: -0.500 nats")
 
 
 def test_flips_by_hand():

@@ -109,17 +109,22 @@ def _cost_phrase(t: str, b: str, endpoints: Sequence[str], comparison: Compariso
 
 def close_notes(comparison: Comparison, arrays: Mapping[str, np.ndarray], t: str,
                 baselines: Sequence[str]) -> list[str]:
-    """Baselines that come close to the best fine-tune: within CLOSE_PTS, or not significantly worse."""
+    """Baselines that come close to the best fine-tune (within CLOSE_PTS, or not significantly worse), and
+    those that do better (significantly: "is better than"; not significantly: "is ahead of")."""
     notes = []
+    level = int(round((1 - comparison.alpha) * 100))
     for b in baselines:
         pair = compare_pair(arrays[t], arrays[b], t, b, comparison, alpha=comparison.alpha)
         gap = pair.diff if comparison.higher_is_better else -pair.diff
-        if pair.outcome != "win" or (comparison.unit == "pts" and gap < CLOSE_PTS):
-            why = ": a vote of similar training examples, you may not need a language model" \
-                if b.startswith("knn:") else ""
-            notes.append(f"{b} comes close to {t}: {_num(-pair.diff, comparison.unit, True)} {comparison.unit} "
-                         f"(95% CI {_num(-pair.hi, comparison.unit, True)} \u2026 "
-                         f"{_num(-pair.lo, comparison.unit, True)}){why}")
+        if pair.outcome == "win" and not (comparison.unit == "pts" and gap < CLOSE_PTS):
+            continue
+        how = ("is better than" if pair.outcome == "worse" else
+               "is ahead of" if gap < 0 else "comes close to")
+        why = ": a vote of similar training examples, you may not need a language model" \
+            if b.startswith("knn:") else ""
+        notes.append(f"{b} {how} {t}: {_num(-pair.diff, comparison.unit, True)} {comparison.unit} "
+                     f"({level}% CI {_num(-pair.hi, comparison.unit, True)} \u2026 "
+                     f"{_num(-pair.lo, comparison.unit, True)}){why}")
     return notes
 
 
