@@ -14,6 +14,13 @@ HELP_CANDIDATES = ("comma-separated: base, run folders (runs/x: the fine-tunes),
 QUIET = argparse.SUPPRESS  # unset flags stay unset, so EvalConfig's defaults apply
 
 
+def _default(key: str):
+    """EvalConfig's default for a help text (the defaults live there only)."""
+    from ..config import EvalConfig
+
+    return EvalConfig.model_fields[key].default
+
+
 def _limit(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
@@ -57,11 +64,14 @@ def register(sub) -> None:
     p.add_argument("--device-price", dest="device_price", metavar="NAME",
                    help="price the local candidates as this device of the price table (default: detected)")
     p.add_argument("--embedder", metavar="DIR", help="embedding model folder for :embed retrieval (default: base)")
-    p.add_argument("--endpoint-concurrency", dest="endpoint_concurrency", type=int, help="requests in flight (4)")
+    p.add_argument("--endpoint-concurrency", dest="endpoint_concurrency", type=int,
+                   help=f"requests in flight ({_default('endpoint_concurrency')})")
     p.add_argument("--rate-limit", dest="endpoint_rate_limit", type=float, metavar="PER_MINUTE",
                    help="at most this many endpoint requests per minute")
-    p.add_argument("--endpoint-retries", dest="endpoint_retries", type=int, help="retries per request (4)")
-    p.add_argument("--endpoint-timeout", dest="endpoint_timeout", type=float, help="seconds per request (60)")
+    p.add_argument("--endpoint-retries", dest="endpoint_retries", type=int,
+                   help=f"retries per request ({_default('endpoint_retries')})")
+    p.add_argument("--endpoint-timeout", dest="endpoint_timeout", type=float,
+                   help=f"seconds per request ({_default('endpoint_timeout'):g})")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted eval in the same --out without asking for kept answers again")
     p.add_argument("--out", help="output folder (default: <run>/eval for one run, else ./eval)")
