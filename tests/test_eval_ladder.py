@@ -13,7 +13,7 @@ from tunesmith.eval.answers import Answer
 from tunesmith.eval.cost import device_rate, endpoint_usage, local_usage
 from tunesmith.eval.ladder import close_notes, flips, ladder, worth
 from tunesmith.eval.metrics import parse_metric
-from tunesmith.eval.report import cost_chart_svg
+from tunesmith.eval.report import cost_chart_svg, place_labels
 from tunesmith.eval.stats import compare
 from tunesmith.prices import load_prices
 
@@ -163,3 +163,17 @@ def test_cost_chart_puts_rungs_on_a_log_axis():
     assert ys[0] < ys[2] < ys[1]  # higher score, higher on the page
     assert "log scale" in svg and "<script" not in svg
     assert cost_chart_svg(rungs[3:], "pts", "exact") == ""
+
+
+def test_cost_chart_labels_of_close_rungs_do_not_overlap():
+    names = ["base+fewshot:5", "tuned", "base", "base+labels", "base+rag:5"]
+    rungs = [{"name": n, "tuned": n == "tuned", "mean": 0.0, "lo": 0.0, "hi": 0.19, "usd_per_1k": usd}
+             for n, usd in zip(names, [0.0433, 0.05, 0.0572, 0.0614, 0.109], strict=True)]
+    svg = cost_chart_svg(rungs, "pts", "exact")
+    labels = re.findall(r'<text class="label" x="([\d.]+)" y="([\d.]+)" font-size="11">([^<]+)</text>', svg)
+    assert [t for _, _, t in labels] == names
+    boxes = [(float(x), float(y) - 11, float(x) + 6 * len(t), float(y) + 2) for x, y, t in labels]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    assert place_labels([(10.0, 50.0)], ["x"], 0.0, 300.0) == [(18.0, 54.0)]  # alone: beside its point

@@ -303,17 +303,47 @@ def cost_chart_svg(ladder: Sequence[Mapping[str, Any]], unit: str, metric: str) 
         parts.append(f'<text x="{left - 6}" y="{ty + 4:.1f}" text-anchor="end" font-size="11">{label}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height + 22}" text-anchor="middle" font-size="12">'
                  f'$ per 1,000 queries (log scale)</text>')
-    for i, r in enumerate(sorted(points, key=lambda r: r["usd_per_1k"])):
-        x, fill = px(r["usd_per_1k"]), "#2b7bb9" if r["tuned"] else "#9aa5b1"
-        dy = 4 + 13 * (i % 3) - 13  # neighbouring labels at three heights, so that close rungs stay readable
+    ordered = sorted(points, key=lambda r: r["usd_per_1k"])
+    anchors = [(px(r["usd_per_1k"]), py(r["mean"])) for r in ordered]
+    marks = [(x - 5, py(r["hi"]) - 5, x + 5, py(r["lo"]) + 5) for r, (x, _) in zip(ordered, anchors, strict=True)]
+    labels = place_labels(anchors, [r["name"][:40] for r in ordered], top_px, top_px + plot_h - 2, marks)
+    for r, (x, y), (lx, ly) in zip(ordered, anchors, labels, strict=True):
+        fill = "#2b7bb9" if r["tuned"] else "#9aa5b1"
         parts += [f'<line class="ci" x1="{x:.1f}" y1="{py(r["lo"]):.1f}" x2="{x:.1f}" y2="{py(r["hi"]):.1f}" '
                   f'stroke="#111"/>',
-                  f'<circle class="rung" cx="{x:.1f}" cy="{py(r["mean"]):.1f}" r="5" fill="{fill}">'
+                  f'<circle class="rung" cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{fill}">'
                   f'<title>{escape(r["name"])}: {_scaled(r["mean"], unit)}, {format_usd(r["usd_per_1k"])} per 1k'
-                  f'</title></circle>',
-                  f'<text x="{x + 8:.1f}" y="{py(r["mean"]) + dy:.1f}" font-size="11">{escape(r["name"][:40])}</text>']
+                  f'</title></circle>']
+        if abs(ly - 4 - y) > LABEL_H:  # a label moved away from its point gets a leader line
+            parts.append(f'<line x1="{x + 4:.1f}" y1="{y:.1f}" x2="{lx - 1:.1f}" y2="{ly - 4:.1f}" '
+                         'stroke="#bbb"/>')
+        parts.append(f'<text class="label" x="{lx:.1f}" y="{ly:.1f}" font-size="11">{escape(r["name"][:40])}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+LABEL_H, CHAR_W = 13.0, 6.6  # a label's line height and (generous) character width at font-size 11, in px
+
+
+def place_labels(anchors: Sequence[tuple[float, float]], texts: Sequence[str], y_min: float, y_max: float,
+                 marks: Sequence[tuple[float, float, float, float]] = ()) -> list[tuple[float, float]]:
+    """Text baselines (x, y) for labels right of their points, each moved up or down by whole lines until its
+    box overlaps no label placed before it and no mark (the points and their intervals, as boxes); points in
+    cost order, so close rungs are placed in turn. Labels stay between y_min and y_max."""
+    boxes: list[tuple[float, float, float, float]] = list(marks)
+    out = []
+    for (x, y), text in zip(anchors, texts, strict=True):
+        x0, x1 = x + 8, x + 8 + CHAR_W * len(text)
+        base = y + 4
+        for step in range(0, 41):
+            shift = LABEL_H * ((step + 1) // 2) * (1 if step % 2 else -1) if step else 0.0
+            cand = min(max(base + shift, y_min + LABEL_H), y_max)
+            box = (x0, cand - LABEL_H + 2, x1, cand + 2)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        out.append((x0, cand))
+    return out
 
 
 def _html_table(rows: Sequence[Sequence[str]], pre: bool = False, cls: str = "") -> str:
