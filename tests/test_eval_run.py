@@ -669,3 +669,16 @@ def test_prompt_inputs_fail_before_a_model_is_loaded(env, tmp_path, monkeypatch)
     with pytest.raises(TunesmithError, match="--resume needs the output folder"):
         tunesmith.evaluate(env.eval, ["base"], resume=True, base=str(env.model))
     assert loads == []
+
+
+def test_max_examples_is_a_seeded_sample_in_file_order_not_the_first_n():
+    from tunesmith.eval.run import subsample
+
+    rows = [_conv(f"q{i}", LABEL if i < 50 else "other", i + 1) for i in range(100)]  # sorted by label
+    picked = subsample(rows, 10, seed=0)
+    lines = [ex.source.line for ex in picked]
+    assert len(picked) == 10 and lines == sorted(lines) and lines != list(range(1, 11))
+    assert {ex.messages[-1].content for ex in picked} == {LABEL, "other"}  # both halves of a sorted file
+    assert [ex.source.line for ex in subsample(rows, 10, seed=0)] == lines  # the same sample every time
+    assert [ex.source.line for ex in subsample(rows, 10, seed=1)] != lines  # sample_seed picks another
+    assert subsample(rows, 200, seed=0) == rows and subsample(rows, None, seed=0) == rows
