@@ -15,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def test_the_demo_climbs_the_ladder():
     cfg = load_config(EXAMPLES / "banking77" / "config.yaml")
-    assert cfg.eval.candidates == ["base", "base+labels", "base+fewshot:5", "base+rag:5", "tuned"]
+    assert cfg.eval.candidates == ["knn:5", "base", "base+labels", "base+fewshot:5", "base+rag:5", "tuned"]
     assert cfg.eval.max_new_tokens == "auto"  # no fixed limit that cuts the longest labels
     assert cfg.precision == "auto"
 

@@ -1,7 +1,8 @@
 """`make demo`: fine-tune the default model (SmolLM2-135M-Instruct) on banking77 intents on this machine's CPU,
-then climb the ladder on held-out messages: the base model, the base model told the labels, five fixed
-examples in the prompt, the five most similar training examples (BM25), and the fine-tune, with what each
-costs per 1,000 queries on this machine and whether the fine-tune is worth it.
+then climb the ladder on held-out messages: a vote of the five most similar training messages (knn:5, no
+language model), the base model, the base model told the labels, five fixed examples in the prompt, the five
+most similar training examples (BM25), and the fine-tune, with what each costs per 1,000 queries on this
+machine and whether the fine-tune is worth it.
 
 Everything here is the public API; the CLI equivalent is `tunesmith train examples/banking77/config.yaml`.
 """
