@@ -21,8 +21,9 @@ HERE = Path(__file__).parent
 def ladder_table(results: dict) -> list[str]:
     rows = [("rung", "exact (95% CI)", "$ per 1k queries", "p50 latency", "cut off")]
     for r in results.get("ladder", []):
-        cost = "n/a" if r["usd_per_1k"] is None else f"${r['usd_per_1k']:.4f}"
-        latency = "n/a" if r["latency_p50"] is None else f"{r['latency_p50']:.2f} s"
+        usd = r["usd_per_1k"]
+        cost = "n/a" if usd is None else f"${usd:.4f}" if usd >= 0.001 else f"${usd:.1e}"
+        latency = "n/a" if r["latency_p50"] is None else f"{r['latency_p50']:.3f} s"
         rows.append((r["name"] + (" (fine-tuned)" if r["tuned"] else ""),
                      f"{100 * r['mean']:5.1f}% ({100 * r['lo']:.1f} … {100 * r['hi']:.1f})", cost, latency,
                      str(r["cut_off"])))
