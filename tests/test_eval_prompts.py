@@ -103,6 +103,26 @@ def test_knn_votes_and_embedding_retrieval(train):
     assert prompts[0][1].content == "exchange rate to dollars today"
 
 
+def test_retrieval_time_is_charged_per_query_and_the_index_once(train):
+    """An embedder that takes 0.3 s per call: the index (one call over the training prompts) is built once and
+    charged to no candidate; each candidate's searches (one call over its queries) are charged to it."""
+    import time
+
+    def slow_embed(texts):
+        time.sleep(0.3)
+        return np.array([[len(t), t.count("card"), t.count("rate")] for t in texts], dtype=float)
+
+    builder = PromptBuilder([_prompt("card arrive when"), _prompt("rate today")], train, embed=slow_embed)
+    knn = parse_candidate("knn:1:embed")
+    started = time.perf_counter()
+    builder.index(knn)
+    assert time.perf_counter() - started >= 0.3 and builder.search_seconds == {}
+    builder.knn_answers(knn)
+    builder.build(parse_candidate("base+rag:1:embed"))
+    assert set(builder.search_seconds) == {"knn:1:embed", "base+rag:1:embed"}
+    assert all(0.3 <= s < 0.6 for s in builder.search_seconds.values())  # one query call each, no index build
+
+
 def test_majority_breaks_ties_by_rank():
     assert majority(["b", "a", "a", "b", "c"]) == "b"
     assert majority(["x"]) == "x"

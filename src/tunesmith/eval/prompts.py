@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class PromptBuilder:
     _retrievers: dict[tuple[str, str], Retriever] = field(default_factory=dict)
     _pool: list[Example] | None = None
     _passages: list[tuple[str, str]] | None = None
+    search_seconds: dict[str, float] = field(default_factory=dict)  # per candidate: its queries' retrieval time
 
     def build(self, cand: Candidate) -> tuple[list[tuple[Message, ...]], dict[str, Any]]:
         """The candidate's prompts and what was added to them (for results.json)."""
@@ -84,15 +86,29 @@ class PromptBuilder:
             added["fewshot"] = describe_shots(shots)
         elif cand.rag:
             pool = self.pool(cand)
-            hits = self.retriever("train", cand.retriever).search([query_text(p) for p in self.prompts], cand.rag)
+            hits = self._search(cand, "train", cand.retriever, cand.rag)
             out = [with_shots(p, [pool[i] for i in reversed(h)]) for p, h in zip(out, hits, strict=True)]
             added["rag"] = [describe_shots([pool[i] for i in h]) for h in hits]
         return out, added
 
     def knn_answers(self, cand: Candidate) -> list[str]:
         pool = self.pool(cand)
-        hits = self.retriever("train", cand.retriever).search([query_text(p) for p in self.prompts], cand.knn)
+        hits = self._search(cand, "train", cand.retriever, cand.knn)
         return [majority([answer_text(pool[i]) for i in h]) for h in hits]
+
+    def index(self, cand: Candidate) -> None:
+        """Build the training examples' index for a knn or +rag candidate now (a one-off, like training)."""
+        self.pool(cand)
+        self.retriever("train", cand.retriever)
+
+    def _search(self, cand: Candidate, corpus: str, kind: str, k: int) -> list[list[int]]:
+        """The k best of `corpus` for every prompt. Building the index is not timed (it is done once, whatever
+        the number of queries); the searches are, per candidate: retrieval is part of answering a query."""
+        index = self.retriever(corpus, kind)
+        started = time.perf_counter()
+        hits = index.search([query_text(p) for p in self.prompts], k)
+        self.search_seconds[cand.name] = self.search_seconds.get(cand.name, 0.0) + time.perf_counter() - started
+        return hits
 
     def pool(self, cand: Candidate) -> list[Example]:
         """Training examples retrieval may return: none whose prompt is in the eval set."""
@@ -131,7 +147,7 @@ class PromptBuilder:
                 if self.docs is None:
                     raise TunesmithError(f"{cand.name} needs documents to retrieve from", "pass --docs FOLDER")
                 self._passages = read_passages(self.docs)
-            hits = self.retriever("docs", "bm25").search([query_text(p) for p in self.prompts], cand.docs)
+            hits = self._search(cand, "docs", "bm25", cand.docs)
             base = [_join(b, _passages_text([self._passages[i] for i in h])) for b, h in zip(base, hits, strict=True)]
             added["docs"] = [[self._passages[i][0] for i in h] for h in hits]
         return base, added

@@ -11,7 +11,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +362,7 @@ def answer_all(ctx: _Context, set_name: str, c: Candidate, prompts: list[tuple[M
                builder: PromptBuilder) -> tuple[list[Answer], Usage]:
     """The candidate's answers to every prompt (reusing kept ones with --resume) and what they cost."""
     if c.kind == "knn":
+        builder.index(c)  # once, like training: not part of any query's cost
         started = time.perf_counter()
         texts = builder.knn_answers(c)
         share = (time.perf_counter() - started) / max(1, len(texts))
@@ -393,6 +394,10 @@ def answer_all(ctx: _Context, set_name: str, c: Candidate, prompts: list[tuple[M
         local_prompt = sum(len(x) for x in ids) / len(ids) if ids else None
         return answers, endpoint_usage(c.name, str(c.url), str(c.model), answers,
                                        sum(a.seconds for a in answers), local_prompt, cacheable, ctx.prices)
+    search = builder.search_seconds.get(c.name, 0.0) / max(1, len(answers))  # +rag / +docs retrieval per query
+    if search:
+        answers = [replace(a, seconds=a.seconds + search, machine_seconds=a.machine_seconds + search)
+                   for a in answers]
     return answers, local_usage(c.name, ctx.engine.ran_on(c), answers, cacheable, ctx.rate)  # type: ignore[union-attr]
 
 
