@@ -45,6 +45,10 @@ def test_endpoint_cost_from_token_prices_with_and_without_the_prompt_cache():
     u = endpoint_usage("e", "http://h/v1", "big", plain, 0.3, 500.0, 250.0, PRICES)
     assert u.cacheable_tokens == pytest.approx(500.0)
     assert u.usd_per_1k_cached == pytest.approx((500 * 2.5 + 500 * 1.25 + 100) / 1e6 * 1000)
+    # a server that reports 0 cached tokens (e.g. prompts under its caching minimum) cached none: no estimate
+    none_cached = [Answer("x", 1000, 10, False, seconds=0.1, cached_tokens=0) for _ in range(3)]
+    u = endpoint_usage("e", "http://h/v1", "big", none_cached, 0.3, 500.0, 250.0, PRICES)
+    assert u.cacheable_tokens == 0 and u.usd_per_1k_cached == pytest.approx(u.usd_per_1k)
     unknown = endpoint_usage("e", "http://h/v1", "nope", plain, 0.3, 500.0, 250.0, PRICES)
     assert unknown.usd_per_1k is None and "no price for model 'nope'" in unknown.note
 

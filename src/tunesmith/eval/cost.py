@@ -5,8 +5,9 @@
   machine that ran the eval (batched, the shared prompt prefix run once per batch).
 - Endpoints cost their per-token list prices: prompt tokens x input price + generated tokens x output price;
   "with caching" prices the prompt tokens a prompt cache serves at the cached-input price. Those are the
-  tokens the server reported as cached or, when it reports none, the share of the prompt that is a prefix
-  common to every prompt (system message, labels, few-shot examples), measured with the local tokenizer.
+  tokens the server reported as cached (0 included) or, when it reports no count, the share of the prompt that
+  is a prefix common to every prompt (system message, labels, few-shot examples), measured with the local
+  tokenizer: an upper bound, since providers cache only prompts past a minimum length.
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ def endpoint_usage(name: str, url: str, model: str, answers: Sequence[Answer], s
     note = None
     if prompt is None:
         prompt, note = local_prompt, "the server reported no token counts: counted with the local tokenizer"
-    reported = _mean([a.cached_tokens for a in answers])
-    cached = reported if reported else (cacheable / local_prompt * prompt
-                                        if cacheable and local_prompt and prompt else 0.0)
+    reported = _mean([a.cached_tokens for a in answers])  # a server that reports 0 cached tokens cached none
+    cached = reported if reported is not None else (cacheable / local_prompt * prompt
+                                                    if cacheable and local_prompt and prompt else 0.0)
     entry = (prices.get("models") or {}).get(model)
     usd = usd_cached = None
     label = None
