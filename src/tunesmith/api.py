@@ -49,9 +49,11 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     cfg = _as_config(config, overrides)
     planned = _plan_before_training(cfg, console, force)
     run = run_training(cfg, console=console, progress=progress, resume=resume)
+    from .train.parallel import world_from_env
+
     if planned is not None:
         _record_plan(run, planned)
-    if evaluate and cfg.eval is not None:
+    if evaluate and cfg.eval is not None and world_from_env()[0] == 0:  # under torchrun: rank 0 evaluates
         from .eval.run import evaluate_run
 
         run.info["eval"] = evaluate_run(run, console=console)

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console(stderr=True, soft_wrap=True)  # no hard wraps: keep file:line messages whole in logs
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks; every rank reports its errors
+    console = Console(stderr=True, soft_wrap=True, quiet=rank > 0)  # soft wrap: file:line messages stay whole
     if args.version:
         from .. import __version__
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except TunesmithError as e:
         from rich.markup import escape  # messages quote user text, e.g. "[/INST]", which is not markup
 
+        console.quiet = False
         console.print(f"[bold red]error:[/bold red] {escape(e.message)}", highlight=False, markup=True)
         if e.hint:
             console.print(f"[yellow]hint:[/yellow] {escape(e.hint)}", highlight=False)

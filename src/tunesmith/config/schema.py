@@ -116,6 +116,12 @@ class TrainConfig(Section):
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
     skip_nonfinite: int = Field(0, ge=0)
+    # several processes (torchrun): auto = DDP when a full replica fits on each device, FSDP2 otherwise
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    fsdp_cpu_offload: bool = False  # FSDP2: keep parameters, gradients and optimizer state in CPU memory
+    # examples (pairs) per optimizer step over all processes; sets grad_accum = global / (micro x processes)
+    global_batch_size: int | None = Field(None, ge=1)
+    dist_timeout_s: float = Field(600.0, gt=0)  # how long a collective waits for a rank that stopped
     ignore_plan: bool = False  # train even when `tunesmith plan` says the run cannot fit its device
 
 
