@@ -118,10 +118,10 @@ def test_cpt_through_the_cli_and_cross_document_windows(tiny_dir, corpus, tmp_pa
 
 def test_documents_refuse_generation_metrics_and_few_shot(tiny_dir, corpus):
     with pytest.raises(TunesmithError, match="documents, which have no answers to generate"):
-        tunesmith.evaluate(str(corpus["held"]), ["base"], ["exact"], device="cpu", precision="fp32",
+        tunesmith.evaluate(str(corpus["held"]), ["base"], metrics=["exact"], device="cpu", precision="fp32",
                            base=str(tiny_dir))
     with pytest.raises(TunesmithError, match="few-shot candidates and a judge do not apply"):
-        tunesmith.evaluate(str(corpus["held"]), ["base", "base+fewshot:2"], ["perplexity"], device="cpu",
+        tunesmith.evaluate(str(corpus["held"]), ["base", "base+fewshot:2"], metrics=["perplexity"], device="cpu",
                            precision="fp32", base=str(tiny_dir))
 
 

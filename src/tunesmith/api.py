@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .config import RunConfig, load_config, parse_config
+from .config import EvalConfig, RunConfig, load_config, parse_config
 from .eval.run import EvalResult, evaluate
 from .plan import Plan
 from .train.recipe import Run
@@ -182,5 +182,6 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
 
 
-__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "check_data", "evaluate", "load_config",
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "check_data", "evaluate",
+           "load_config",
            "open_adapters", "open_model", "parse_config", "plan", "train"]

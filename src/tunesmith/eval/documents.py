@@ -40,40 +40,49 @@ def window_length(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def document_nll(engine, candidate: Candidate, docs: Sequence[Document]) -> tuple[list[float], list[int]]:
     """Each document's mean NLL (nats per scored token) under `candidate`, and how many tokens were scored."""
-    engine.use(candidate)
-    length = window_length(engine.model)
+    model, tokenizer = engine.scoring_model(candidate)
+    length = window_length(model)
     owners, items = [], []
     for i, doc in enumerate(docs):
-        windows, _ = render_documents(engine.tokenizer, [doc], length, min(OVERLAP, length // 4))
+        windows, _ = render_documents(tokenizer, [doc], length, min(OVERLAP, length // 4))
         items += windows
         owners += [i] * len(windows)
-    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, count = torch.zeros(len(docs), dtype=torch.float64), torch.zeros(len(docs), dtype=torch.float64)
     order = sorted(range(len(items)), key=lambda k: -len(items[k]))
-    engine.model.eval()
+    model.eval()
     for k in range(0, len(order), engine.batch_size):
         chunk = order[k:k + engine.batch_size]
         batch = collate([items[j] for j in chunk], pad, pack_length=length).to(engine.rt.device)
         with engine.rt.autocast():
-            out = sequence_logps(engine.model, batch)
+            out = sequence_logps(model, batch)
         for row, j in enumerate(chunk):
             total[owners[j]] -= float(out.logp_sum[row])
             count[owners[j]] += float(out.n_tokens[row])
     return (total / count.clamp(min=1)).tolist(), count.long().tolist()
 
 
-def compare_documents(name: str, engine, docs: Sequence[Document], cands: Sequence[Candidate],
-                      metric_specs: Sequence[str], judge, console: Console):
-    from .run import SetResult
-
+def check_documents_eval(name: str, metric_specs: Sequence[str], cands: Sequence[Candidate], judge) -> None:
+    """Documents are scored by a local model's log-probs: no generation metric, prompted candidate or judge."""
     metrics = [parse_metric(spec) for spec in metric_specs]
     wrong = [spec for spec, m in zip(metric_specs, metrics, strict=True) if not m.needs_logprobs]
     if wrong:
         raise TunesmithError(f"the {name} data are documents, which have no answers to generate: metric(s) "
                              f"{', '.join(wrong)} cannot score them", "use --metric perplexity (or loss)")
-    if any(c.fewshot for c in cands) or judge is not None:
-        raise TunesmithError(f"the {name} data are documents: few-shot candidates and a judge do not apply",
+    prompted = [c.name for c in cands if not c.local or c.fewshot or c.rag or c.docs or c.labels or c.prompt_file]
+    if prompted or judge is not None:
+        what = f"candidate(s) {', '.join(prompted)}" if prompted else "a judge"
+        raise TunesmithError(f"the {name} data are documents: few-shot candidates and a judge do not apply "
+                             f"({what}); documents are scored by a local model's log-probs",
                              "compare base and the tuned run(s) with --metric perplexity")
+
+
+def compare_documents(name: str, engine, docs: Sequence[Document], cands: Sequence[Candidate],
+                      metric_specs: Sequence[str], judge, console: Console):
+    from .run import SetResult, candidate_pairs
+
+    check_documents_eval(name, metric_specs, cands, judge)
+    metrics = [parse_metric(spec) for spec in metric_specs]
     nll, tokens = {}, []
     for c in cands:
         console.print(f"[dim]{name}: scoring {len(docs)} documents with {c.name}[/dim]")
@@ -81,7 +90,7 @@ def compare_documents(name: str, engine, docs: Sequence[Document], cands: Sequen
     scores = {m.name: {c: [m.score_nll(x) for x in values] for c, values in nll.items()} for m in metrics}
     tuned = [c.name for c in cands if c.tuned]
     baselines = [c.name for c in cands if not c.tuned]
-    comparisons = [compare(scores[m.name], tuned, baselines, m) for m in metrics]
+    comparisons = [compare(scores[m.name], tuned, baselines, m, pairs=candidate_pairs(cands)) for m in metrics]
     examples = [{"prompt": f"{d.source or 'document'}: {d.text[:SHOWN_CHARS]}", "reference": ""} for d in docs]
     results = build_results(examples, [c.name for c in cands], scores, {})
     results.update({"set": name, "comparisons": [c.to_dict() for c in comparisons], "fewshot": {}, "judge": [],
