@@ -39,7 +39,8 @@ VARIANTS = [  # name, processes (None: no torchrun), engine, threads per process
 def config(out: Path, name: str, engine: str, threads: int, steps: int, model: str | None) -> dict:
     cfg = {"name": name, "output_dir": str(out), "device": "cpu", "precision": "auto", "threads": threads,
            "method": "sft", "adapter": {"kind": "lora", "r": 16},
-           "data": {"train": str(ROOT / "examples" / "banking77" / "train.jsonl"), "max_length": 128},
+           "data": {"train": str(ROOT / "examples" / "banking77" / "train.jsonl"), "max_length": 128,
+                    "max_examples": 16 * steps},  # one epoch: rendering the whole file would dominate
            "train": {"micro_batch_size": 4, "global_batch_size": 16, "max_steps": steps, "lr": 2e-4,
                      "parallel": engine, "save_every": None}}
     if model:
