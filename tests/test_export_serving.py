@@ -14,7 +14,7 @@ import pytest
 import tunesmith
 from go_template import ollama_messages, render_go
 from tunesmith.cli import main as cli_main
-from tunesmith.data.system import common_system_prompt
+from tunesmith.data.formats import common_system_prompt
 from tunesmith.data.types import Conversation, Message, Preference
 
 SYSTEM = "Classify the customer's banking message. Answer with the intent label only."
@@ -58,7 +58,6 @@ def test_common_system_prompt_by_hand():
     assert common_system_prompt([a, _conv(("system", "T"), ("user", "x"))]) is None
     assert common_system_prompt([a, bare], default="T") is None  # the bare one gets T, the other has S
     assert common_system_prompt([]) is None and common_system_prompt([bare]) is None
-    assert common_system_prompt([bare], default="") is None  # "" renders no system turn
     pair = Preference(prompt=(Message("system", "S"), Message("user", "q")), chosen=(Message("assistant", "a"),),
                       rejected=(Message("assistant", "b"),))
     assert common_system_prompt([pair, a]) == "S"

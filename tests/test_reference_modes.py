@@ -59,11 +59,10 @@ def test_live_reference_leaves_training_weights_untouched(tiny_dir):
     """The swap in and out of the step-0 weights is exact, and gradients still reach the live weights."""
     from tunesmith.data.batching import collate
     from tunesmith.data.render import Tokenized
+    from tunesmith.methods.logps import sequence_logps
     from tunesmith.methods.reference import LiveReference
     from tunesmith.model.device import make_runtime
     from tunesmith.model.load import load_model_and_tokenizer
-
-    from tunesmith.methods.logps import sequence_logps
 
     model, _ = load_model_and_tokenizer(str(tiny_dir), precision="fp32")
     fresh, _ = load_model_and_tokenizer(str(tiny_dir), precision="fp32")

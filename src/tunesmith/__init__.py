@@ -12,10 +12,12 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .api import (  # noqa: E402
     ChatModel,
+    EvalConfig,
     EvalResult,
     Plan,
     Run,
     RunConfig,
+    check_data,
     evaluate,
     export_run,
     load_config,
@@ -27,5 +29,6 @@ from .api import (  # noqa: E402
     train,
 )
 
-__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "evaluate", "export_run",
-           "load_config", "open_adapters", "open_model", "parse_config", "plan", "push", "train"]
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "check_data",
+           "evaluate", "export_run", "load_config", "open_adapters", "open_model", "parse_config", "plan", "push",
+           "train"]

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .config import RunConfig, load_config, parse_config
+from .config import EvalConfig, RunConfig, load_config, parse_config
 from .eval.run import EvalResult, evaluate
 from .plan import Plan
 from .train.recipe import Run
@@ -147,6 +147,17 @@ class ChatModel:
         self.system_prompt = self._adapter_system_prompts.get(name) if name else None
 
 
+def check_data(data: str | list[str], model: str | None = None, **options: Any):
+    """`tunesmith data check`: load `data` leniently and report what is wrong or suspicious about it (a
+    `tunesmith.data.doctor.Report`; `.errors`, `.warnings`, `.write(path)` for the full JSON). With `model`,
+    token lengths (documents: windows) are measured with its tokenizer and chat template. `options` are those of
+    `tunesmith.data.doctor.check_data` (eval_spec, max_length, truncation, window_overlap, ...)."""
+    from .data.doctor import check_data as check
+    from .model.load import load_tokenizer
+
+    return check(data, load_tokenizer(model) if model else None, **options)
+
+
 def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "auto",
                system_prompt: str | None = None, allow_pickle_weights: bool = False) -> ChatModel:
     """A run folder (base + its adapter) or a model spec ("default", HF dir, .gguf, hub id).
@@ -214,5 +225,5 @@ def push(run: str | Path, repo_id: str, what: str = "adapter", private: bool = F
     return push_run(run, repo_id, what=what, private=private, dry_run=dry_run, dtype=dtype)
 
 
-__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "evaluate", "export_run", "load_config",
-           "open_adapters", "open_model", "parse_config", "plan", "push", "train"]
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "check_data", "evaluate",
+           "export_run", "load_config", "open_adapters", "open_model", "parse_config", "plan", "push", "train"]

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"]
+Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "cpt"]
 AdapterKind = Literal["lora", "rslora", "dora", "qlora", "full"]
 
 
@@ -20,7 +20,7 @@ class DataConfig(Section):
     eval: str | list[str] | None = None
     eval_split: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference",
-                    "preference_implicit", "hh_rlhf", "kto"] = "auto"
+                    "preference_implicit", "hh_rlhf", "kto", "text"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     split: str | None = None  # hub datasets: which split
     max_length: int = Field(1024, ge=8)
@@ -29,6 +29,9 @@ class DataConfig(Section):
     system_prompt: str | None = None
     skip_invalid: bool = False
     max_examples: int | None = Field(None, ge=1)
+    # documents (method: cpt): tokens a window repeats from the one before as context (docs/data.md)
+    window_overlap: int = Field(0, ge=0)
+    cross_document: bool = False  # documents: one stream cut into windows, attention across documents
 
 
 class AdapterConfig(Section):
@@ -46,6 +49,8 @@ class AdapterConfig(Section):
     from_adapter: str | None = None  # start from an existing adapter dir (e.g. an SFT run)
     use_dora: bool = False  # DoRA magnitudes on top of lora/rslora/qlora (kind: dora is lora + this)
     use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) on top of lora/dora/qlora
+    # learning rate of a trained input embedding / output head (modules_to_save or full); None = train.lr
+    embedding_lr: float | None = Field(None, gt=0)
 
     @property
     def dora(self) -> bool:
@@ -84,6 +89,7 @@ _REFERENCE_KEYS = {"reference", "reference_cache"}
 # The method_args each method reads; setting any other one is an error (it would be silently ignored).
 METHOD_ARGS: dict[str, set[str]] = {
     "sft": set(),
+    "cpt": set(),
     "dpo": {"beta", "label_smoothing", "sft_weight", "dpop_lambda", "share_prompt"} | _REFERENCE_KEYS,
     "ipo": {"beta", "sft_weight", "share_prompt"} | _REFERENCE_KEYS,
     "orpo": {"orpo_lambda", "share_prompt"},
@@ -126,16 +132,45 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    data: str | None = None
+    """Every setting of the comparison eval, in one place: a config's `eval:` section, `tunesmith eval`'s
+    flags and `tunesmith.evaluate(...)` all build this."""
+
+    data: str | None = None  # held-out examples (in a run config: else data.eval or the eval split)
     candidates: list[str] = Field(default_factory=lambda: ["base", "base+fewshot:5", "tuned"])
     metrics: list[str] = Field(default_factory=lambda: ["exact"])
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int | Literal["auto"] = "auto"  # auto: the longest reference's tokens plus a margin
     batch_size: int = Field(16, ge=1)
-    max_examples: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(None, ge=1)  # a seeded random sample of this many, kept in file order
+    sample_seed: int = 0
     fewshot_seed: int = 0
-    require_win: bool = False
+    require_win: bool = False  # fail unless every tuned candidate beats every baseline
+    require_worth: bool = False  # fail unless the best fine-tune beats the best rung without fine-tuning
     judge: str | None = None
     regression: str | None = None
+    base: str | None = None  # the base model (default: the runs' own)
+    train_data: str | None = None  # where shots, labels and retrieval come from (default: the run's)
+    data_format: str = "auto"
+    docs: str | None = None  # a folder of documents for +docs:K
+    system_prompt: str | None = None  # for prompts without one (default: the run's data.system_prompt)
+    by_stage: bool = True  # a multi-stage run is evaluated stage by stage, each against the one before
+    prices: str | None = None  # a price table overriding entries of the shipped one
+    device_price: str | None = None  # the price table's device the local candidates are priced as
+    embedder: str | None = None  # embedding model for :embed retrieval (default: the base model)
+    resume: bool = False  # reuse the answers an earlier, interrupted eval kept in <out>/answers
+    out: str | None = None
+    device: Literal["auto", "cpu", "cuda", "mps"] | None = None  # None: the run's device, else auto
+    precision: Literal["auto", "bf16", "fp16", "fp32"] | None = None
+    endpoint_concurrency: int = Field(4, ge=1)  # requests in flight per endpoint
+    endpoint_rate_limit: float | None = Field(None, gt=0)  # requests per minute per endpoint
+    endpoint_retries: int = Field(4, ge=0)
+    endpoint_timeout: float = Field(60.0, gt=0)  # seconds per request
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_limit(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
 
 
 class StageConfig(Section):
