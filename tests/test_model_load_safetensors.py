@@ -48,7 +48,10 @@ def test_training_on_a_pickle_base_needs_the_config_key(bin_dir, tmp_path):
               "train": {"max_steps": 1, "micro_batch_size": 4}}
     with pytest.raises(ModelLoadError, match="only pickle files"):
         tunesmith.train(config, progress=False)
-    run = tunesmith.train({**config, "allow_pickle_weights": True}, progress=False)
+    evaluated = {"data": str(tmp_path / "train.jsonl"), "candidates": ["base", "tuned"], "metrics": ["exact"],
+                 "max_new_tokens": 2}
+    run = tunesmith.train({**config, "allow_pickle_weights": True, "eval": evaluated}, progress=False)
+    assert run.info["eval"]  # the eval after training loads the base as training was allowed to
     model = tunesmith.open_model(run.path, device="cpu", precision="fp32")  # reopened as training loaded it
     assert model.generate([[{"role": "user", "content": "hello"}]], max_new_tokens=2)
     from tunesmith.model.merge import merge_run

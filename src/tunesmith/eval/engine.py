@@ -20,6 +20,7 @@ from ..methods.logps import sequence_logps
 from ..model.device import make_runtime
 from ..model.generate import Generator
 from ..model.load import load_model_and_tokenizer
+from ..model.runs import base_load_options
 from ..model.swap import AdapterSet
 from .answers import Answer
 from .candidates import Candidate
@@ -31,8 +32,10 @@ class _Backend:
     def __init__(self, base: str, rt, runs: Sequence[Candidate], quantize: bool, settings: dict, tokenizer_runs,
                  batch_size: int, max_new_tokens: int, system_prompt: str | None):
         dtype = "fp32" if rt.precision == "fp32" else rt.precision
+        allowed = [base_load_options(c.run) for c in runs if c.run is not None]  # what training let the base do
+        options = {k: any(a[k] for a in allowed) for k in ("trust_remote_code", "allow_pickle_weights")}
         model, tokenizer = load_model_and_tokenizer(base, device=rt.device, precision=rt.precision, dtype=dtype,
-                                                    quantize_nf4=quantize, **settings)
+                                                    quantize_nf4=quantize, **{**options, **settings})
         self.quantized = quantize
         self.tokenizer = _run_tokenizer(tokenizer_runs) or tokenizer
         self.adapters = AdapterSet(model)
