@@ -154,7 +154,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         from ..model.adapters import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
-    choose_attention(model, rt, cfg.train.fused)  # before compiling: it swaps module forwards
+    choose_attention(model, rt, cfg.train.fused, cfg.train.attention, cfg.train.liger)  # before compiling
     if cfg.train.compile:
         from ..model.adapters import compile_layers
 
@@ -248,24 +248,12 @@ def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
     console.print(msg)
 
 
-def choose_attention(model: torch.nn.Module, rt, fused: bool = True) -> str:
-    """Set up the layers training runs: with `train.fused`, the fused RMSNorm / SwiGLU / LoRA forwards
-    (`model.fused.fuse`) and, on CPU, tunesmith's matmul attention (model/fused.py) for rows of up to
-    MATMUL_ATTENTION_MAX_ROW tokens and SDPA for longer ones, picked per batch. torch's CPU flash-attention
-    kernel has a slow backward for 64-dim heads (SmolLM2-135M, 30 layers of 4 x 421 tokens, one thread:
-    2.1 s against 1.0 s), while the matmul attention's memory grows with the square of the row length.
-    Otherwise (CUDA, or fused off): SDPA. All of them read the same additive mask."""
-    from ..model.fused import MATMUL_ATTENTION_MAX_ROW, fuse, register_attention
-    from ..model.unwrap import unwrap
+def choose_attention(model: torch.nn.Module, rt, fused: bool = True, attention: str = "auto",
+                     liger: bool = True) -> str:
+    """Set up the layers and kernels training runs (model/attention.py): with `train.fused`, the fused
+    RMSNorm / SwiGLU / LoRA forwards; per batch, a variable-length flash kernel on CUDA, tunesmith's matmul
+    attention for short CPU rows, SDPA with the mask otherwise; Liger's fused cross-entropy for a trained
+    head on CUDA. Returns a description of the attention."""
+    from ..model.attention import setup
 
-    base = unwrap(model)
-    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return base.config._attn_implementation  # e.g. flash_attention_2 chosen by the user's setup
-    if fused:
-        fuse(model)
-    if fused and rt.device.type == "cpu":
-        register_attention()
-        base.matmul_attention_max_row = MATMUL_ATTENTION_MAX_ROW
-        return f"tunesmith up to {MATMUL_ATTENTION_MAX_ROW} tokens, sdpa above"
-    base.set_attn_implementation("sdpa")
-    return "sdpa"
+    return setup(model, rt.device, rt.precision, fused, attention, liger)
