@@ -58,7 +58,8 @@ def child_tunesmith(spec: dict) -> dict:
     from tunesmith.model.device import make_runtime
     from tunesmith.model.load import load_model_and_tokenizer
     from tunesmith.train.loop import Trainer
-    from tunesmith.train.recipe import _optimizer, base_dtype, choose_attention, seed_everything
+    from tunesmith.train.optim import build_optimizer
+    from tunesmith.train.recipe import base_dtype, choose_attention, seed_everything
 
     raw = {
         "model": spec["model_dir"], "device": "cpu", "precision": "bf16", "method": spec["method"],
@@ -77,7 +78,7 @@ def child_tunesmith(spec: dict) -> dict:
     model, tok = load_model_and_tokenizer(cfg.model, device=rt.device, precision=rt.precision,
                                           dtype=base_dtype(cfg, rt.precision))
     model = apply_adapter(model, cfg.adapter)
-    choose_attention(model, rt, cfg.train.fused)  # as train_stage does
+    choose_attention(model, rt, cfg.train.fused, cfg.train.attention, cfg.train.liger)  # as train_stage does
     renderer = Renderer(tok, cfg.data.max_length)
     items = [method.render(renderer, ex) for ex in train_ds.examples]
     assert None not in items and len(items) == spec["steps"] * spec["batch"], "examples were dropped"
@@ -90,7 +91,7 @@ def child_tunesmith(spec: dict) -> dict:
         reference = build_reference(model, method, items, None, cfg, rt, tok, Path(spec["workdir"]),
                                     Console(stderr=True))
     ref_s = time.perf_counter() - started
-    optimizer = _optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     stamps: list[float] = []
     trainer = Trainer(model, method, items, cfg.train, rt, pad_id, optimizer, reference=reference,
                       pack_length=pack_length, callbacks=[lambda tr, rec: stamps.append(time.perf_counter())])

@@ -294,6 +294,16 @@ def setup(model: nn.Module, device: torch.device, precision: str, fused: bool = 
     return policy.describe()
 
 
+def attention_summary(model: nn.Module) -> dict | None:
+    """What ran, for run.json: the description and how many batches took each attention kernel."""
+    from .unwrap import unwrap
+
+    policy: KernelPolicy | None = getattr(unwrap(model), POLICY, None)
+    if policy is None:
+        return None
+    return {"setup": policy.describe(), "batches": dict(policy.used), "head_ce": policy.head_ce}
+
+
 def attention_inputs(lm: nn.Module, batch) -> dict:
     """The attention arguments of the transformer body for one batch, after selecting the batch's kernel on
     `lm` (left in place, so checkpointed layers recompute with the same attention). Models without a

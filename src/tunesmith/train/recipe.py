@@ -18,8 +18,11 @@ from ..config import DataConfig, RunConfig, TrainConfig
 from ..data.batching import pack_setting
 from ..errors import TunesmithError
 from ..methods import get_method
+from ..model.attention import attention_summary
 from ..model.device import make_runtime
+from ..model.memory import memory_report, reset_peaks
 from .loop import Trainer, TrainState
+from .optim import build_optimizer
 from .rundir import RunDir, data_hash
 from .session import run_loop
 
@@ -125,6 +128,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
 
     started = time.time()
     rt = make_runtime(cfg.device, cfg.precision, cfg.threads)
+    reset_peaks(rt.device)
     run = RunDir(run_path, rt.is_main)
     run.write_config(cfg)
     seed_everything(cfg.train.seed)
@@ -180,7 +184,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
 
         reference = build_reference(model, method, items, eval_items, cfg, rt, tokenizer, run.path, console)
 
-    optimizer = _optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model, method, items, cfg.train, rt, pad_id, optimizer, eval_items=eval_items,
                       reference=reference, pack_length=pack_setting(cfg.train.packing, cfg.train.pack_length))
@@ -201,6 +205,7 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         "trainable": summary, "state": state.as_dict(), "steps": trainer.total_steps,
         "wall_time_s": round(time.time() - started, 2), "device": str(rt.device), "precision": rt.precision,
         "final": state.history[-1] if state.history else {}, "complete": True,
+        "memory": memory_report(rt.device), "attention": attention_summary(model),
     }
     if reference is not None:
         info["reference"] = {"key": reference.key, "cache_hit": reference.cache_hit,
@@ -211,17 +216,6 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
 
         write_run_report(run.path)
     return Run(run.path, cfg, state, info)
-
-
-def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    from ..model.adapters import optimizer_param_groups
-
-    groups = optimizer_param_groups(model, cfg.adapter, cfg.train.lr, cfg.train.weight_decay)
-    if cfg.train.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, lr=cfg.train.lr)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def _kto_items(items: list, eval_items: list | None, micro_batch_size: int, console: Console):
