@@ -201,9 +201,17 @@ def fp32(model):
 
 
 def peak_rss_mib() -> float:
-    import resource
+    from tunesmith.model.memory import peak_rss_mib as rss
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return rss()
+
+
+def memory_peaks(device: str | None = None) -> dict:
+    """Peak RSS and, where the run used CUDA, the allocator's peak allocated / reserved MiB (model/memory.py):
+    every benchmark reports both."""
+    from tunesmith.model.memory import memory_report
+
+    return memory_report(device)
 
 
 # ---------------------------------------------------------------- docs

@@ -97,14 +97,14 @@ def child_tunesmith(spec: dict) -> dict:
                       pack_length=pack_length, callbacks=[lambda tr, rec: stamps.append(time.perf_counter())])
     stamps.append(time.perf_counter())
     state = trainer.fit()
-    peak = common.peak_rss_mib()  # before the fp32 check below
+    peak = common.memory_peaks(str(rt.device))  # before the fp32 check below
     first = method.collate(items[:spec["batch"]], pad_id, pack_length)  # its layout, shared prompts included
     seqs = [s for item in items[:spec["batch"]] for s in common.sequences(item)]
     if hasattr(items[0], "chosen"):  # the batch holds every chosen sequence, then every rejected one
         seqs = seqs[0::2] + seqs[1::2]
     return {"losses": [r["loss"] for r in state.history], "ref_s": ref_s, "stamps": stamps,
             "isolation": tunesmith_isolation(model, first, seqs, pad_id), "tokens_identical": None,
-            "peak_rss_mib": peak}
+            "peak_rss_mib": peak["peak_rss_mib"], "cuda": peak["cuda"]}
 
 
 def tunesmith_isolation(model, batch, seqs: list, pad_id: int) -> float:
@@ -218,10 +218,11 @@ def child_trl(spec: dict, fast: bool) -> dict:
     got = trl_token_ids(spec["method"], trainer.train_dataset)
     identical = sum(g == e for g, e in zip(got, expected, strict=True)) if len(got) == len(expected) else 0
     trainer.train()
-    peak = common.peak_rss_mib()  # before the fp32 check below
+    peak = common.memory_peaks(str(trainer.model.device))  # before the fp32 check below
     isolation = trl_isolation(trainer, spec["batch"]) if fast and spec["method"] == "sft" else None
     return {"losses": losses, "ref_s": timing["ref_s"], "stamps": stamps, "isolation": isolation,
-            "tokens_identical": f"{identical}/{len(expected)}", "peak_rss_mib": peak}
+            "tokens_identical": f"{identical}/{len(expected)}", "peak_rss_mib": peak["peak_rss_mib"],
+            "cuda": peak["cuda"]}
 
 
 # ---------------------------------------------------------------- parent
@@ -233,10 +234,16 @@ def summarize(runs: list[dict], tokens: int, flops: float, peak: float) -> dict:
     best = statistics.median(tok_s)
     return {"tok_s": best, "tok_s_all": tok_s, "step_s": statistics.median(steps) if steps else float("nan"),
             "rss": statistics.median(r["peak_rss_mib"] for r in runs), "losses": losses,
+            "cuda_reserved": _median_cuda(runs),
             "mean_loss": statistics.fmean(losses) if losses else float("nan"),
             "final_loss": statistics.median(r["losses"][-1] for r in runs if r["losses"]),
             "mfu": mfu.mfu(flops, tokens / best, peak), "isolation": runs[0]["isolation"],
             "tokens_identical": runs[0]["tokens_identical"], "ref_s": statistics.median(r["ref_s"] for r in runs)}
+
+
+def _median_cuda(runs: list[dict]) -> float | None:
+    peaks = [r["cuda"]["peak_reserved_mib"] for r in runs if r.get("cuda")]
+    return statistics.median(peaks) if peaks else None
 
 
 def ratio(x: float, base: float | None) -> str:
@@ -245,12 +252,14 @@ def ratio(x: float, base: float | None) -> str:
 
 def table(method: str, rows: dict[str, dict]) -> str:
     base, fast = rows.get("trl", {}).get("tok_s"), rows.get("trl-fast", {}).get("tok_s")
-    lines = ["| variant | setup | tokens/s | vs TRL default | vs TRL fast | step s | peak RSS MiB | mean loss | "
-             "final loss | MFU | isolation (nats/token) | TRL tokens identical |", "|" + "---|" * 12]
+    lines = ["| variant | setup | tokens/s | vs TRL default | vs TRL fast | step s | peak RSS MiB | peak CUDA MiB | "
+             "mean loss | final loss | MFU | isolation (nats/token) | TRL tokens identical |", "|" + "---|" * 13]
     for name, r in rows.items():
         setup = SETUP[name][method] if isinstance(SETUP[name], dict) else SETUP[name]
         cells = [name, setup, f"{r['tok_s']:.0f}", ratio(r["tok_s"], base), ratio(r["tok_s"], fast),
-                 f"{r['step_s']:.2f}", f"{r['rss']:.0f}", f"{r['mean_loss']:.4f}", f"{r['final_loss']:.4f}",
+                 f"{r['step_s']:.2f}", f"{r['rss']:.0f}",
+                 "—" if r["cuda_reserved"] is None else f"{r['cuda_reserved']:.0f}",
+                 f"{r['mean_loss']:.4f}", f"{r['final_loss']:.4f}",
                  f"{100 * r['mfu']:.1f}%", "—" if r["isolation"] is None else f"{r['isolation']:.0e}",
                  r["tokens_identical"] or "—"]
         lines.append("| " + " | ".join(cells) + " |")
