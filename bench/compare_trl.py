@@ -132,7 +132,8 @@ def trl_trainer(spec: dict, fast: bool, callbacks: list):
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                            task_type="CAUSAL_LM")
     common_args = dict(
-        output_dir=str(Path(spec["workdir"]) / "trl-out"), use_cpu=True, bf16=True, max_steps=spec["steps"],
+        output_dir=str(Path(spec["workdir"]) / "trl-out"), use_cpu=spec.get("use_cpu", True), bf16=True,
+        max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=spec["seed"], max_length=spec["max_length"])

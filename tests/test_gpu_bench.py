@@ -1,0 +1,104 @@
+"""bench/gpu: the prepared GPU run's CPU dry run (every step that can run without CUDA, tiny model, the varlen
+path through the reference kernel), its bounded search, and the wheel slimming of `make gpu-wheels`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+
+from fit import bounded_search  # noqa: E402
+from wheels import slim_wheel  # noqa: E402
+
+
+def _search(limit, lo=1024, hi=65536, probes=8):
+    calls = []
+    found = bounded_search(lambda n: calls.append(n) or n <= limit, lo, hi, probes)
+    return found, calls
+
+
+def test_bounded_search_doubles_then_bisects():
+    found, calls = _search(5000)
+    assert calls == [1024, 2048, 4096, 8192, 6144, 5120] and found["largest"] == 4096
+    assert found["first_failure"] == 5120
+    found, calls = _search(40000, probes=5)  # out of probes while bisecting: the best length proven so far
+    assert calls == [1024, 2048, 4096, 8192, 16384] and found["largest"] == 16384 and found["first_failure"] is None
+
+
+def test_bounded_search_edges():
+    found, calls = _search(10**9)
+    assert found["largest"] == 65536 and found["first_failure"] is None and calls[-1] == 65536
+    found, calls = _search(100)
+    assert found["largest"] is None and calls == [1024]
+    found, _ = _search(30000, hi=24576)  # hi is not a power-of-two multiple of lo: it is probed itself
+    assert found["largest"] == 24576
+
+
+def test_slim_wheel_drops_the_other_cuda_libraries_and_rewrites_record(tmp_path):
+    wheel = tmp_path / "bnb-1.0-py3-none-any.whl"
+    members = {"bnb/__init__.py": b"x = 1\n", "bnb/libbnb_cpu.so": b"c" * 100, "bnb/libbnb_cuda130.so": b"a" * 100,
+               "bnb/libbnb_cuda128.so": b"b" * 5000, "bnb-1.0.dist-info/METADATA": b"Name: bnb\n"}
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        z.writestr("bnb-1.0.dist-info/RECORD", "".join(f"{n},sha256=x,{len(d)}\n" for n, d in members.items()))
+    slim_wheel(wheel, re.compile(r"libbnb_(cpu|cuda130)\.so$"), re.compile(r"libbnb_\w+\.so$"))
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        record = z.read("bnb-1.0.dist-info/RECORD").decode().splitlines()
+    assert "bnb/libbnb_cuda128.so" not in names and {"bnb/libbnb_cpu.so", "bnb/libbnb_cuda130.so"} <= names
+    listed = {line.split(",")[0] for line in record}
+    assert listed == names and all(",sha256=" in line for line in record if not line.endswith("RECORD,,"))
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-dry")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "run.py"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    records = {r["step"]: r for r in json.loads((out / "results.json").read_text())}
+    return proc, records, out
+
+
+def test_dry_run_passes_every_step_it_can_run_on_a_cpu(dry_run):
+    proc, steps, out = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    skipped = {name for name, r in steps.items() if r["status"].startswith("skipped")}
+    assert skipped == {"planner", "speed:sft:tunesmith-compile"}, {n: steps[n]["status"] for n in skipped}
+    assert all(r["status"] == "ok" for n, r in steps.items() if n not in skipped)
+    assert (out / "results.md").read_text().count("## ") == len(steps)
+
+
+def test_dry_run_checks_the_varlen_path_and_the_rest_of_correctness(dry_run):
+    checks = dry_run[1]["correctness"]["checks"]
+    varlen = checks["varlen"]
+    assert varlen["kernel"] == "reference" and varlen["ok"]
+    for layout in ("packed", "shared"):
+        r = varlen[layout]
+        assert r["kernels_used"] == {"reference": 1}
+        assert r["max_logp_diff_per_token"] < 1e-4 < r["leak_logp_diff_per_token"]
+    assert abs(checks["dpo_step0_ln2"]["loss"] - 0.693147) < 1e-4
+    assert checks["resume_bit_identical"]["bit_identical"]
+    assert checks["qlora_step"]["ok"] and checks["optimizers"]["ok"]
+    assert "need CUDA" in checks["liger_head"]["skipped"]
+
+
+def test_dry_run_speed_fit_and_imports(dry_run):
+    steps = dry_run[1]
+    assert steps["imports"]["imported_before_baselines"] == []  # tunesmith's path needs none of them
+    for name in ("speed:sft:tunesmith", "speed:dpo:tunesmith", "speed:sft:hf", "speed:sft:trl", "speed:dpo:trl"):
+        assert steps[name]["tokens_per_s"] > 0 and steps[name]["mfu"] > 0, name
+    assert steps["speed:sft:tunesmith-sdpa"]["attention"]["batches"] == {"sdpa": 3}
+    assert "| tunesmith |" in steps["summary"]["table"] and "vs trl" in steps["summary"]["table"]
+    for kind in ("lora", "qlora"):
+        assert steps[f"fit:{kind}"]["largest_fitting_length"] == 256
