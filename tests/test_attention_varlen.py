@@ -296,3 +296,27 @@ def test_fused_cross_entropy_head_gives_the_checkpointed_heads_values_and_gradie
     gf = torch.autograd.grad(loss_f, [fused.lm_head.weight, fused.model.layers[0].mlp.up_proj.weight])
     for a, b in zip(gp, gf, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(kernels.torch_varlen() is None, reason="this torch has no torch.nn.attention.varlen")
+@pytest.mark.parametrize("share", [False, True])
+def test_torchs_own_varlen_kernel_takes_the_models_tensors(fake_cuda, share):
+    """The flash kernel itself runs on CUDA only, but its fake (meta-tensor) implementation checks what it is
+    given: tunesmith's whole attention path with the real torch op, bf16 weights on the meta device, forward
+    and backward, on a mocked sm_90 GPU."""
+    from tunesmith.model.attention import attention_inputs
+
+    model = build_model(vocab_size=VOCAB, seed=0).to(torch.bfloat16)
+    assert setup(model, fake_cuda, "bf16", kernels=("torch",)).startswith("varlen (torch)")
+    model.to("meta")
+    pairs = random_pairs(3, seed=4)
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    batch = collate(seqs, PAD, pack_length=64, share=[(i, i + 3) for i in range(3)] if share else ())
+    for name in ("input_ids", "labels", "position_ids", "seq_ids"):  # groups stay on the CPU for the layout
+        setattr(batch, name, getattr(batch, name).to("meta"))
+    h = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                    **attention_inputs(model, batch)).last_hidden_state  # what logps.hidden_states runs
+    assert h.shape == (*batch.input_ids.shape, 64) and h.device.type == "meta" and h.dtype == torch.bfloat16
+    assert getattr(model, POLICY).used == {"torch": 1} and model.config._attn_implementation == VARLEN
+    h.float().sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.shape == (64, 64)

@@ -253,7 +253,8 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                                       scaling=scaling, **kwargs)
     b, h, t, d = query.shape
     device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else \
         torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d).to(dtype) for x in (query, key, value))
     if layout.index is not None:
