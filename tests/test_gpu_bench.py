@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 
 from fit import bounded_search  # noqa: E402
+from publish import publish  # noqa: E402
 from wheels import slim_wheel  # noqa: E402
 
 
@@ -102,3 +103,13 @@ def test_dry_run_speed_fit_and_imports(dry_run):
     assert "| tunesmith |" in steps["summary"]["table"] and "vs trl" in steps["summary"]["table"]
     for kind in ("lora", "qlora"):
         assert steps[f"fit:{kind}"]["largest_fitting_length"] == 256
+
+
+def test_publish_replaces_the_gpu_section_of_the_benchmarks_page(dry_run, tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Memory\n\nkept\n\n## On a GPU\n\nNot measured yet.\n\n## Later\n\nkept too\n")
+    for _ in range(2):
+        publish(dry_run[2] / "results.json", doc, date="2030-01-01")
+    text = doc.read_text()
+    assert text.count("## On a GPU") == 1 and "Not measured yet" not in text and text.count("kept") == 2
+    assert "2030-01-01" in text and "- dpo_step0_ln2: ok (loss 0.693147)" in text and "| tunesmith |" in text

@@ -241,6 +241,7 @@ def register_varlen() -> None:
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
+@torch.compiler.disable  # kept out of compiled graphs: a gather and one kernel, and lengths that change per batch
 def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                              **kwargs):
