@@ -141,7 +141,8 @@ def _trl(ctx: dict, method: str, name: str) -> dict:
     s = ctx[method]
     spec = {"method": method, "steps": s["steps"], "batch": s["batch"], "max_length": s["max_length"],
             "lr": s["lr"], "seed": 0, "model_dir": ctx["speed_model_dir"], "workdir": ctx["work"],
-            "trl_file": s["trl_file"], "use_cpu": ctx["device"] != "cuda"}
+            "trl_file": s["trl_file"], "use_cpu": ctx["device"] != "cuda",
+            "precision": "bf16" if ctx["device"] == "cuda" else "fp32"}
     clock = _Clock()
     trainer = compare_trl.trl_trainer(spec, True, [clock.callback])
     expected = json.loads(Path(s["expect_file"]).read_text())
