@@ -99,7 +99,7 @@ def test_dry_run_speed_fit_and_imports(dry_run):
     assert steps["imports"]["imported_before_baselines"] == []  # tunesmith's path needs none of them
     for name in ("speed:sft:tunesmith", "speed:dpo:tunesmith", "speed:sft:hf", "speed:sft:trl", "speed:dpo:trl"):
         assert steps[name]["tokens_per_s"] > 0 and steps[name]["mfu"] > 0, name
-    assert steps["speed:sft:tunesmith-sdpa"]["attention"]["batches"] == {"sdpa": 3}
+    assert steps["speed:sft:tunesmith-sdpa"]["attention"]["batches"] == {"sdpa": 4}  # 3 steps, check_head
     assert "| tunesmith |" in steps["summary"]["table"] and "vs trl" in steps["summary"]["table"]
     for kind in ("lora", "qlora"):
         assert steps[f"fit:{kind}"]["largest_fitting_length"] == 256

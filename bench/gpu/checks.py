@@ -231,7 +231,7 @@ def _train(ctx: dict, name: str, method: str = "sft", resume: str | None = None,
     cfg = {"name": name, "model": ctx["small_dir"], "output_dir": str(Path(ctx["work"]) / "runs"), "method": method,
            "device": "auto", "precision": "auto", "threads": 1 if ctx["dry"] else "auto",
            "data": {"train": s["train_file"], "max_length": s["max_length"], "max_examples": 32},
-           "method_args": {"reference_cache": False},
+           **({"method_args": {"reference_cache": False}} if method != "sft" else {}),
            "train": {"max_steps": 2, "micro_batch_size": 8, "lr": 1e-4, "schedule": "constant", "warmup_ratio": 0.0}}
     for key, values in sections.items():
         cfg[key] = {**cfg.get(key, {}), **values} if isinstance(values, dict) else values

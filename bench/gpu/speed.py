@@ -71,7 +71,7 @@ def _tunesmith(ctx: dict, method: str, name: str) -> dict:
            "threads": 1 if ctx["dry"] else "auto",
            "data": {"train": s["train_file"], "max_length": s["max_length"]},
            "adapter": {"kind": "lora", "r": 16, "alpha": 32, "target": "all-linear"},
-           "method_args": {"reference_cache": False},
+           **({"method_args": {"reference_cache": False}} if method != "sft" else {}),
            "train": {"lr": s["lr"], "max_steps": s["steps"], "micro_batch_size": s["batch"], "schedule": "constant",
                      "warmup_ratio": 0.0, **TRAIN_OVERRIDES[name]}}
     stamps = [0.0]

@@ -178,7 +178,8 @@ def check_head(model: torch.nn.Module, n_tokens: int = 24, tolerance: float = 0.
     from ..data.render import Tokenized
 
     lm = unwrap(model)
-    vocab = lm.get_output_embeddings().weight.shape[0]
+    head = lm.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # a 4-bit head's weight is packed
     device = next(lm.parameters()).device
     ids = torch.randint(1, vocab, (n_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     batch = collate([Tokenized(tuple(ids), (IGNORE,) + tuple(ids[1:]))], 0).to(device)
