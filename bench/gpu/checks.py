@@ -46,7 +46,7 @@ def env(ctx: dict) -> dict:
                     memory_mib=round(props.total_memory / 2**20), cuda=torch.version.cuda)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # this CPU only emulates bf16
     shapes = mfu.Shapes.of(llama_config(ctx["speed_model"]))
-    peak = mfu.measured_peak(shapes, dtype, ctx["peak_seconds"], device)
+    peak = mfu.measured_peak(shapes, dtype, ctx["peak_seconds"], device=device)
     info.update(peak_dtype=peak["dtype"], peak_flops=peak["peak_flops"], peak_by_shape=peak["by_shape"])
     if device == "cuda":
         info["square_8192_flops"] = mfu.matmul_rate(8192, 8192, 8192, dtype, ctx["peak_seconds"], device)
