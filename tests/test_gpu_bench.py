@@ -75,7 +75,7 @@ def test_dry_run_passes_every_step_it_can_run_on_a_cpu(dry_run):
     proc, steps, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     skipped = {name for name, r in steps.items() if r["status"].startswith("skipped")}
-    assert skipped == {"planner", "speed:sft:tunesmith-compile"}, {n: steps[n]["status"] for n in skipped}
+    assert skipped == {"speed:sft:tunesmith-compile"}, {n: steps[n]["status"] for n in skipped}
     assert all(r["status"] == "ok" for n, r in steps.items() if n not in skipped)
     assert (out / "results.md").read_text().count("## ") == len(steps)
 
@@ -113,3 +113,19 @@ def test_publish_replaces_the_gpu_section_of_the_benchmarks_page(dry_run, tmp_pa
     text = doc.read_text()
     assert text.count("## On a GPU") == 1 and "Not measured yet" not in text and text.count("kept") == 2
     assert "2030-01-01" in text and "- dpo_step0_ln2: ok (loss 0.693147)" in text and "| tunesmith |" in text
+
+
+def test_dry_run_compares_the_plan_with_what_the_runs_measured(dry_run):
+    planner = dry_run[1]["planner"]
+    rows = {r["run"]: r for r in planner["rows"]}
+    for name in ("sft:tunesmith", "sft:tunesmith-sdpa", "dpo:tunesmith", "dpo:tunesmith-sdpa"):
+        row = rows[name]  # on a CPU the plan and the run both speak of the process's peak RSS
+        assert row["measured"] == "peak RSS" and row["predicted_mib"] > 100 and row["measured_mib"] > 100
+        assert row["error"] == pytest.approx((row["predicted_mib"] - row["measured_mib"]) / row["measured_mib"])
+    fits = [r for r in rows.values() if r["run"].startswith("fit:")]
+    assert {r["run"] for r in fits} >= {"fit:lora 256 tokens", "fit:qlora 256 tokens"}
+    assert all(r["predicted_mib"] > 0 and r["error"] is None for r in fits)  # no CUDA peak to compare on a CPU
+    # the prediction grows with the sequence
+    lora = sorted((int(r["run"].split()[1]), r["predicted_mib"]) for r in fits if r["run"].startswith("fit:lora "))
+    assert [p for _, p in lora] == sorted(p for _, p in lora) and lora[0][1] < lora[-1][1]
+    assert "| sft:tunesmith |" in planner["table"]

@@ -98,9 +98,75 @@ def fit(ctx: dict, kind: str) -> dict:
 
 
 def planner(ctx: dict) -> dict:
-    """Hook: tunesmith.plan's predicted peak CUDA memory for the fit steps' setups against their measured
-    peaks. Runs only when this tree has tunesmith.plan."""
+    """tunesmith.plan's predicted peak memory against the measured one: for the speed steps, the plan
+    `tunesmith.train` made before each run (run.json's "plan", with what the run measured); for the fit
+    steps, the plan's step memory of the same model, adapter and sequence at every length that fit. On CUDA
+    the measure is PyTorch's peak allocated memory (reserved beside it); on a CPU the process's peak RSS."""
     if importlib.util.find_spec("tunesmith.plan") is None:
-        return {"status": "skipped: tunesmith.plan is not in this tree (hook: compare its predicted peak CUDA "
-                          "memory with the fit steps' measured peaks)"}
-    return {"status": "skipped: tunesmith.plan exists, but this script does not call it yet"}
+        return {"status": "skipped: tunesmith.plan is not in this tree"}
+    results = ctx.get("results", {})
+    rows = [_speed_row(name, r) for name, r in results.items()
+            if name.startswith("speed:") and r.get("status") == "ok" and r.get("plan")]
+    for kind in ("lora", "qlora"):
+        r = results.get(f"fit:{kind}") or {}
+        if r.get("status") == "ok":
+            rows += _fit_rows(ctx, kind, r)
+    if not rows:
+        return {"status": "skipped: no speed or fit step recorded a measurement to compare"}
+    errors = [abs(x["error"]) for x in rows if x["error"] is not None]
+    lines = ["| run | predicted peak MiB | measured peak MiB | error | measured |", "|---|---:|---:|---:|---|"]
+    for x in rows:
+        err = "—" if x["error"] is None else f"{100 * x['error']:+.1f}%"
+        lines.append(f"| {x['run']} | {x['predicted_mib']:,.0f} | "
+                     f"{'—' if x['measured_mib'] is None else format(x['measured_mib'], ',.0f')} | {err} | "
+                     f"{x['measured']} |")
+    note = ("dry run: every step shares one process, so a run's peak RSS includes the steps before it"
+            if ctx["dry"] else None)
+    return {"status": "ok", "rows": rows, "table": "\n".join(lines),
+            "max_abs_error": max(errors) if errors else None, "note": note}
+
+
+def _row(run: str, predicted: float, measured: float | None, what: str, **extra) -> dict:
+    error = (predicted - measured) / measured if measured else None
+    return {"run": run, "predicted_mib": predicted / 2**20, "measured_mib": None if measured is None else
+            measured / 2**20, "error": error, "measured": what, **extra}
+
+
+def _speed_row(name: str, r: dict) -> dict:
+    plan = r["plan"]
+    measured = plan.get("measured", {})
+    cuda = measured.get("peak_cuda_allocated_bytes")
+    got, what = (cuda, "CUDA peak allocated") if cuda is not None else (measured.get("peak_rss_bytes"), "peak RSS")
+    return _row(name.removeprefix("speed:"), plan["peak_bytes"], got, what, phase=plan.get("peak_phase"),
+                reserved_mib=None if measured.get("peak_cuda_reserved_bytes") is None else
+                measured["peak_cuda_reserved_bytes"] / 2**20)
+
+
+def _fit_rows(ctx: dict, kind: str, r: dict) -> list[dict]:
+    """The plan's step memory for each length the fit step measured (one row, every next token trained)."""
+    import tempfile
+    from pathlib import Path
+
+    from models import llama_config
+
+    from tunesmith.config import AdapterConfig
+    from tunesmith.model.adapters import resolve_targets
+    from tunesmith.plan.architecture import load_architecture
+    from tunesmith.plan.memory import BatchShape, Setting, step_memory
+
+    with tempfile.TemporaryDirectory() as d:
+        llama_config(ctx["large"]).save_pretrained(d)
+        arch = load_architecture(str(Path(d)))
+    cfg, cuda = AdapterConfig(kind=kind, r=16, alpha=32), ctx["device"] == "cuda"
+    s = Setting(adapter=kind, precision="bf16" if cuda else "fp32", r=cfg.r,
+                targets=tuple(resolve_targets(arch.meta_model, cfg.target)), double_quant=cfg.double_quant,
+                embeddings_4bit=cfg.embeddings_in_4bit, optimizer="adamw", device=ctx["device"])
+    rows = []
+    for n, peaks in sorted(r.get("peaks", {}).items(), key=lambda kv: int(kv[0])):
+        mem = step_memory(arch, s, BatchShape(1, int(n), int(n) - 1))
+        cuda_peaks = peaks.get("cuda") or {}
+        got = cuda_peaks.get("peak_allocated_mib")
+        rows.append(_row(f"fit:{kind} {n} tokens", mem.peak, None if got is None else got * 2**20,
+                         "CUDA peak allocated" if got is not None else "none (no CUDA: RSS is the whole process)",
+                         phase=mem.peak_phase))
+    return rows

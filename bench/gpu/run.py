@@ -13,7 +13,8 @@ appends its result to results.json and results.md in --out, and degrades to "ski
                  TRL is importable), tunesmith with torch.compile (SFT): tokens/s, peak CUDA memory, MFU
   summary        the speed table with ratios
   fit:*          the longest sequence a LoRA and a QLoRA step of the 8B-class model fits in (bounded search)
-  planner        tunesmith.plan's predicted peak memory against the measured one (when tunesmith.plan exists)
+  planner        tunesmith.plan's predicted peak memory against the measured one: the speed runs' own plans
+                 (run.json) and the plan's step memory at every length the fit steps measured
 
 --dry-run runs every step that can run without CUDA on the CPU, in this process, with a tiny model and a few
 steps (the varlen path through kernels.reference_varlen): the test suite runs it.

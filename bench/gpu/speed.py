@@ -81,7 +81,15 @@ def _tunesmith(ctx: dict, method: str, name: str) -> dict:
     counted = sum(r["tokens"] for r in hist[s["warmup"]:]) / (hist[-1]["time"] - hist[s["warmup"] - 1]["time"])
     return {"stamps": stamps, "losses": [r["loss"] for r in hist], "memory": run.info["memory"],
             "attention": run.info.get("attention"), "precision": run.info["precision"],
-            "tokens_per_s_counted": counted}
+            "tokens_per_s_counted": counted, "plan": _plan_of(run.info.get("plan"))}
+
+
+def _plan_of(plan: dict | None) -> dict | None:
+    """What the planner step compares: the plan tunesmith.train made before the run, and what it measured."""
+    if not plan:
+        return None
+    return {"peak_bytes": plan["peak_bytes"], "peak_phase": plan["memory"]["peak_phase"],
+            "verdict": plan["verdict"], "measured": plan.get("measured", {})}
 
 
 class _Clock:
