@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,7 +19,7 @@ sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 
 from fit import bounded_search  # noqa: E402
 from publish import publish  # noqa: E402
-from wheels import slim_wheel  # noqa: E402
+from wheels import SLIM, slim_wheel  # noqa: E402
 
 
 def _search(limit, lo=1024, hi=65536, probes=8):
@@ -59,6 +60,41 @@ def test_slim_wheel_drops_the_other_cuda_libraries_and_rewrites_record(tmp_path)
     assert "bnb/libbnb_cuda128.so" not in names and {"bnb/libbnb_cpu.so", "bnb/libbnb_cuda130.so"} <= names
     listed = {line.split(",")[0] for line in record}
     assert listed == names and all(",sha256=" in line for line in record if not line.endswith("RECORD,,"))
+
+
+def test_trimmed_pyarrow_and_pandas_still_serve_datasets(tmp_path):
+    """The parts `make gpu-wheels` leaves out of pyarrow and pandas: the installed packages without them, in a
+    folder named site-packages ahead of the real ones, still let datasets build, map and hash a dataset."""
+    import pandas
+    import pyarrow
+
+    site = tmp_path / "site-packages"
+    dropped = []
+    for module in (pyarrow, pandas):
+        root = Path(module.__file__).parent
+        drop = next(pattern for prefix, pattern in SLIM if prefix == root.name + "-")
+        for f in root.rglob("*"):
+            rel = f"{root.name}/{f.relative_to(root).as_posix()}"
+            if f.is_dir() or "__pycache__" in rel:
+                continue
+            if drop.search(rel):
+                dropped.append(rel)
+                continue
+            (site / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, site / rel)  # $ORIGIN of a hard link is the new folder: no fallback to the real one
+            except OSError:
+                shutil.copy2(f, site / rel)
+    assert any("libarrow_flight" in d for d in dropped) and any("libarrow_s3" in d for d in dropped)
+    assert any(d.startswith("pandas/tests/") for d in dropped)
+    code = ("import datasets, pandas, pyarrow, pyarrow.parquet, pyarrow.dataset, pyarrow.fs\n"
+            f"assert pyarrow.__file__.startswith({str(site)!r}) and pandas.__file__.startswith({str(site)!r})\n"
+            "ds = datasets.Dataset.from_list([{'a': [1, 2, 3]}, {'a': [4]}]).map(lambda r: {'n': len(r['a'])})\n"
+            "assert ds['n'] == [3, 1] and ds.to_pandas().shape == (2, 2) and ds._fingerprint\n"
+            "print('served')\n")
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "served" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

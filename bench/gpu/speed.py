@@ -36,8 +36,8 @@ def variant(ctx: dict, method: str, name: str) -> dict:
         try:
             import trl  # noqa: F401
         except ImportError as e:
-            return {"status": f"skipped: TRL is not importable ({e}); it needs datasets, pyarrow and pandas, "
-                              "about 70 MB of wheels, more than the tree may carry"}
+            return {"status": f"skipped: TRL is not importable ({e}); `make gpu-wheels` ships it with datasets, "
+                              "pyarrow and pandas when they fit in what may travel"}
     if ctx["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run = {"hf": _hf, "trl": _trl}.get(name, _tunesmith)
