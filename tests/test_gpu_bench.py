@@ -149,6 +149,7 @@ def test_publish_replaces_the_gpu_section_of_the_benchmarks_page(dry_run, tmp_pa
     text = doc.read_text()
     assert text.count("## On a GPU") == 1 and "Not measured yet" not in text and text.count("kept") == 2
     assert "2030-01-01" in text and "- dpo_step0_ln2: ok (loss 0.693147)" in text and "| tunesmith |" in text
+    assert "`tunesmith plan` against the measured peak" in text and "| sft:tunesmith |" in text
 
 
 def test_dry_run_compares_the_plan_with_what_the_runs_measured(dry_run):

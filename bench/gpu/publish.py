@@ -1,5 +1,6 @@
 """Write a GPU run's results (bench/gpu/run.py's results.json) into the `## On a GPU` section of
-docs/BENCHMARKS.md: date, GPU, versions, the correctness verdicts, the speed table and the fit search.
+docs/BENCHMARKS.md: date, GPU, versions, the correctness verdicts, the speed table, the fit search and
+the planner's error.
 
     python bench/gpu/publish.py RESULTS.json [--doc docs/BENCHMARKS.md]
 """
@@ -47,6 +48,10 @@ def section(records: list[dict], date: str) -> str:
                      f"first failure at {r['first_failure']}" if r["first_failure"] else None]
             lines.append(f"- {r['adapter']} on {r['model']}: {r['largest_fitting_length']} tokens "
                          f"({'; '.join(p for p in parts if p)})")
+    planner = steps.get("planner", {})
+    if planner.get("table"):
+        lines += ["", "**`tunesmith plan` against the measured peak** (error = (predicted - measured) / measured):", "",
+                  planner["table"]]
     others = [r for r in records if r["status"].startswith(("failed", "skipped")) and r["step"] != "correctness"]
     if others:
         lines += ["", "Steps that did not run: " + "; ".join(f"{r['step']}: {r['status']}" for r in others)]
