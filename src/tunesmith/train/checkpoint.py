@@ -207,10 +207,12 @@ def _from_fqn_state(full: dict, kind: str) -> tuple[dict[str, torch.Tensor], dic
     tensors, scalars = {}, {}
     for fqn, st in full.get("state", {}).items():
         for k, v in st.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                tensors[f"{fqn[cut:]}::{k}"] = v
-            else:
-                scalars.setdefault(fqn[cut:], {})[k] = float(v)
+            # bitsandbytes nests its 8-bit state (moments, quantisation maps, absmax) in one dict entry
+            for key, x in ({f"{k}/{sub}": x for sub, x in v.items()} if isinstance(v, dict) else {k: v}).items():
+                if isinstance(x, torch.Tensor) and x.dim() > 0:
+                    tensors[f"{fqn[cut:]}::{key}"] = x.clone()  # bitsandbytes shares one map between parameters
+                else:  # an int stays an int (bitsandbytes' step), a tensor step becomes a float
+                    scalars.setdefault(fqn[cut:], {})[key] = x if isinstance(x, int) else float(x)
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [f[cut:] for f in g["params"]]}
               for g in full.get("param_groups", [])]
     return tensors, {"groups": groups, "scalars": scalars, "type": kind}
@@ -218,12 +220,19 @@ def _from_fqn_state(full: dict, kind: str) -> tuple[dict[str, torch.Tensor], dic
 
 def _to_fqn_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[str, dict] = {}
+    def put(name: str, key: str, value) -> None:
+        k, _, sub = key.partition("/")
+        entry = state.setdefault(POLICY_PREFIX + name, {})
+        if sub:
+            entry.setdefault(k, {})[sub] = value
+        else:
+            entry[k] = value
+
     for key, t in tensors.items():
-        name, k = key.split("::", 1)
-        state.setdefault(POLICY_PREFIX + name, {})[k] = t
+        put(*key.split("::", 1), t)
     for name, sc in meta["scalars"].items():
         for k, v in sc.items():
-            state.setdefault(POLICY_PREFIX + name, {})[k] = torch.tensor(v, dtype=torch.float32)
+            put(name, k, v if isinstance(v, int) else torch.tensor(v, dtype=torch.float32))
     groups = [{**{k: tuple(v) if k == "betas" else v for k, v in g.items() if k != "params"},
                "params": [POLICY_PREFIX + n for n in g["params"]]} for g in meta["groups"]]
     return {"state": state, "param_groups": groups}
