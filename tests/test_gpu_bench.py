@@ -166,3 +166,24 @@ def test_dry_run_compares_the_plan_with_what_the_runs_measured(dry_run):
     lora = sorted((int(r["run"].split()[1]), r["predicted_mib"]) for r in fits if r["run"].startswith("fit:lora "))
     assert [p for _, p in lora] == sorted(p for _, p in lora) and lora[0][1] < lora[-1][1]
     assert "| sft:tunesmith |" in planner["table"]
+
+
+def test_the_shipped_tokenizer_is_unpacked_from_its_gzipped_json(tmp_path, monkeypatch):
+    import gzip
+
+    import models
+
+    from tiny import build_tokenizer
+
+    original = build_tokenizer(tmp_path / "original")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for f in (tmp_path / "original").iterdir():
+        if f.name == "tokenizer.json":
+            (shipped / "tokenizer.json.gz").write_bytes(gzip.compress(f.read_bytes()))
+        else:
+            (shipped / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(models, "SHIPPED_TOKENIZER", shipped)
+    tok = models.tokenizer_dir(tmp_path / "out")
+    text = "hello world, what is my exchange rate?"
+    assert tok.encode(text) == original.encode(text) and len(tok) == len(original)

@@ -1,6 +1,6 @@
 """Models and a tokenizer for the GPU run, made on the spot: real architectures with random weights (speed and
 memory do not need trained weights, and no weights can travel with the tree), built from the config dicts
-below, plus a chat tokenizer: SmolLM2's own when `make gpu-wheels` copied it into .whl/tokenizer, else a
+below, plus a chat tokenizer: SmolLM2's own when `make gpu-wheels` copied it (gzipped) into .whl/tokenizer, else a
 byte-level BPE trained in a second on the repository's example data.
 
 Shapes follow the published configs (SmolLM2-135M-Instruct, Llama-3.2-1B, Llama-3.1-8B); RoPE uses the plain
@@ -78,9 +78,13 @@ def tokenizer_dir(out: Path, vocab_size: int = 8192, shipped: bool = True):
     from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    if shipped and (SHIPPED_TOKENIZER / "tokenizer.json").exists():
+    if shipped and (SHIPPED_TOKENIZER / "tokenizer.json.gz").exists():
         for f in SHIPPED_TOKENIZER.iterdir():
-            shutil.copy(f, out / f.name)
+            if f.suffix == ".gz":
+                with gzip.open(f, "rb") as src, open(out / f.stem, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            else:
+                shutil.copy(f, out / f.name)
         return AutoTokenizer.from_pretrained(out)
     return train_tokenizer(out, vocab_size)
 

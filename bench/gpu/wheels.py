@@ -4,7 +4,7 @@ and the lent machine lacks (it has torch, transformers, peft, accelerate, triton
 
 bitsandbytes ships one CUDA library per CUDA release (43 MB in all); only the one for the machine's CUDA
 (`--cuda`, default 13.0) and the CPU one are kept. The default model's tokenizer is copied to .whl/tokenizer
-when a tunesmith cache holds it (the GPU run trains a tokenizer of its own otherwise).
+when a tunesmith cache holds it, gzipped (the GPU run trains a tokenizer of its own otherwise).
 
 TRL (the speed steps' baseline) needs datasets, which needs pyarrow and pandas: 67 MiB of wheels as published,
 more than may travel. They are cut to what datasets loads: pyarrow without its Flight and S3 libraries, headers
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import hashlib
 import os
 import re
@@ -139,9 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     tok = find_tokenizer()
     if tok is not None:
         (dest / "tokenizer").mkdir(exist_ok=True)
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        for name in ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
             if (tok / name).exists():
                 shutil.copy(tok / name, dest / "tokenizer" / name)
+        with open(tok / "tokenizer.json", "rb") as src, gzip.open(dest / "tokenizer" / "tokenizer.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)  # 3.4 MiB as JSON, under 1 MiB compressed
+        (dest / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
     else:
         print("no SmolLM2 tokenizer in a tunesmith cache (run `make demo` once); the GPU run will train its own")
     tree = tree_mib()
