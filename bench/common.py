@@ -72,16 +72,17 @@ class Prepared:
     computed: int  # tokens tunesmith actually runs (a pair's shared prompt once)
 
 
-def prepare(method: str, n: int, max_length: int, workdir: Path, seed: int = 0) -> Prepared:
+def prepare(method: str, n: int, max_length: int, workdir: Path, seed: int = 0,
+            tokenizer: str = "default") -> Prepared:
     """Render candidate rows with tunesmith, keep the first n whose sequences all fit max_length (so neither
-    side truncates), and write them out for both sides."""
+    side truncates), and write them out for both sides. `tokenizer`: a model spec or a tokenizer folder."""
     from tunesmith.config import DataConfig
     from tunesmith.data.load import load_data
     from tunesmith.data.render import Renderer
     from tunesmith.methods import get_method
     from tunesmith.model.load import load_tokenizer
 
-    tok = load_tokenizer("default")
+    tok = load_tokenizer(tokenizer)
     renderer = Renderer(tok, max_length=10**6)
     m = get_method(method)
     rows, items, start = source_rows(method, seed), [], 0
@@ -201,9 +202,17 @@ def fp32(model):
 
 
 def peak_rss_mib() -> float:
-    import resource
+    from tunesmith.model.memory import peak_rss_mib as rss
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return rss()
+
+
+def memory_peaks(device: str | None = None) -> dict:
+    """Peak RSS and, where the run used CUDA, the allocator's peak allocated / reserved MiB (model/memory.py):
+    every benchmark reports both."""
+    from tunesmith.model.memory import memory_report
+
+    return memory_report(device)
 
 
 # ---------------------------------------------------------------- docs

@@ -82,13 +82,13 @@ def child_tunesmith(spec: dict) -> dict:
     trainer.callbacks.append(lambda tr, rec: stamps.append(time.perf_counter()))
     stamps.append(time.perf_counter())
     state = trainer.fit()
-    peak = common.peak_rss_mib()  # before the fp32 check below
+    peak = common.memory_peaks(str(rt.device))  # before the fp32 check below
     pad_id = tok.pad_token_id
     first = method.collate(items[:spec["batch"]], pad_id, trainer.source.collator.pack_length)
     seqs = method.batch_sequences(items[:spec["batch"]])  # the batch's sequences, in its seq-id order
     return {"losses": [r["loss"] for r in state.history], "ref_s": ref_s, "stamps": stamps,
             "isolation": tunesmith_isolation(model, first, seqs, pad_id), "tokens_identical": None,
-            "peak_rss_mib": peak}
+            "peak_rss_mib": peak["peak_rss_mib"], "cuda": peak["cuda"]}
 
 
 def tunesmith_isolation(model, batch, seqs: list, pad_id: int) -> float:
@@ -116,8 +116,8 @@ def trl_trainer(spec: dict, fast: bool, callbacks: list):
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                            task_type="CAUSAL_LM")
     common_args = dict(
-        output_dir=str(Path(spec["workdir"]) / "trl-out"), use_cpu=True, bf16=spec["precision"] == "bf16",
-        max_steps=spec["steps"],
+        output_dir=str(Path(spec["workdir"]) / "trl-out"), use_cpu=spec.get("use_cpu", True),
+        bf16=spec["precision"] == "bf16", max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=spec["seed"], max_length=spec["max_length"])
@@ -205,10 +205,11 @@ def child_trl(spec: dict, fast: bool) -> dict:
     got = trl_token_ids(spec["method"], trainer.train_dataset)
     identical = sum(g == e for g, e in zip(got, expected, strict=True)) if len(got) == len(expected) else 0
     trainer.train()
-    peak = common.peak_rss_mib()  # before the fp32 check below
+    peak = common.memory_peaks(str(trainer.model.device))  # before the fp32 check below
     isolation = trl_isolation(trainer, spec["batch"]) if fast and spec["method"] == "sft" else None
     return {"losses": losses, "ref_s": timing["ref_s"], "stamps": stamps, "isolation": isolation,
-            "tokens_identical": f"{identical}/{len(expected)}", "peak_rss_mib": peak}
+            "tokens_identical": f"{identical}/{len(expected)}", "peak_rss_mib": peak["peak_rss_mib"],
+            "cuda": peak["cuda"]}
 
 
 # ---------------------------------------------------------------- parent
@@ -220,10 +221,16 @@ def summarize(runs: list[dict], tokens: int, flops: float, peak: float) -> dict:
     best = statistics.median(tok_s)
     return {"tok_s": best, "tok_s_all": tok_s, "step_s": statistics.median(steps) if steps else float("nan"),
             "rss": statistics.median(r["peak_rss_mib"] for r in runs), "losses": losses,
+            "cuda_reserved": _median_cuda(runs),
             "mean_loss": statistics.fmean(losses) if losses else float("nan"),
             "final_loss": statistics.median(r["losses"][-1] for r in runs if r["losses"]),
             "mfu": mfu.mfu(flops, tokens / best, peak), "isolation": runs[0]["isolation"],
             "tokens_identical": runs[0]["tokens_identical"], "ref_s": statistics.median(r["ref_s"] for r in runs)}
+
+
+def _median_cuda(runs: list[dict]) -> float | None:
+    peaks = [r["cuda"]["peak_reserved_mib"] for r in runs if r.get("cuda")]
+    return statistics.median(peaks) if peaks else None
 
 
 def ratio(x: float, base: float | None) -> str:
@@ -232,12 +239,14 @@ def ratio(x: float, base: float | None) -> str:
 
 def table(method: str, rows: dict[str, dict]) -> str:
     base, fast = rows.get("trl", {}).get("tok_s"), rows.get("trl-fast", {}).get("tok_s")
-    lines = ["| variant | setup | tokens/s | vs TRL default | vs TRL fast | step s | peak RSS MiB | mean loss | "
-             "final loss | MFU | isolation (nats/token) | TRL tokens identical |", "|" + "---|" * 12]
+    lines = ["| variant | setup | tokens/s | vs TRL default | vs TRL fast | step s | peak RSS MiB | peak CUDA MiB | "
+             "mean loss | final loss | MFU | isolation (nats/token) | TRL tokens identical |", "|" + "---|" * 13]
     for name, r in rows.items():
         setup = SETUP[name][method] if isinstance(SETUP[name], dict) else SETUP[name]
         cells = [name, setup, f"{r['tok_s']:.0f}", ratio(r["tok_s"], base), ratio(r["tok_s"], fast),
-                 f"{r['step_s']:.2f}", f"{r['rss']:.0f}", f"{r['mean_loss']:.4f}", f"{r['final_loss']:.4f}",
+                 f"{r['step_s']:.2f}", f"{r['rss']:.0f}",
+                 "—" if r["cuda_reserved"] is None else f"{r['cuda_reserved']:.0f}",
+                 f"{r['mean_loss']:.4f}", f"{r['final_loss']:.4f}",
                  f"{100 * r['mfu']:.1f}%", "—" if r["isolation"] is None else f"{r['isolation']:.0e}",
                  r["tokens_identical"] or "—"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -9,6 +9,7 @@ from tunesmith.data.batching import collate
 from tunesmith.data.render import Renderer
 from tunesmith.data.types import Conversation, Message
 from tunesmith.methods.logps import sequence_logps
+from tunesmith.model.attention import POLICY
 from tunesmith.model.device import make_runtime
 from tunesmith.model.fused import ATTENTION, MATMUL_ATTENTION_MAX_ROW, register_attention
 from tunesmith.model.unwrap import unwrap
@@ -54,7 +55,7 @@ def test_cpu_picks_matmul_attention_per_batch_by_row_length(tiny_dir):
 def test_fused_off_or_not_cpu_keeps_sdpa(tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     assert choose_attention(model, make_runtime("cpu", "fp32", threads=1), fused=False) == "sdpa"
-    assert getattr(unwrap(model), "matmul_attention_max_row", None) is None
+    assert getattr(unwrap(model), POLICY).describe() == "sdpa"
     assert model.config._attn_implementation == "sdpa"
 
 

@@ -117,7 +117,11 @@ class TrainConfig(Section):
     grad_checkpointing: bool = False
     compile: bool = False
     fused: bool = True  # model/fused.py: RMSNorm, SwiGLU and CPU attention that save less for backward
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    # model/attention.py: auto = a variable-length flash kernel on CUDA (else SDPA with the mask), the matmul
+    # attention for short CPU rows; varlen = that kernel or an error; sdpa = always SDPA with the 4D mask
+    attention: Literal["auto", "varlen", "sdpa"] = "auto"
+    liger: bool = True  # a trained LM head on CUDA uses liger-kernel's fused linear cross-entropy if installed
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)

@@ -133,10 +133,9 @@ def check_calls(messages: Sequence[Message], tools: Sequence[dict], names: Seque
     tool result answers a call made before it (by `tool_call_id`, or else the oldest unanswered call).
     `names[i]` is the field of message i in errors. Conversations without structured calls or tools (tool
     results written as plain turns, as older datasets do) are not checked."""
-    import jsonschema
-
     if not tools and not any(m.tool_calls for m in messages):
         return
+    import jsonschema  # only here: data without tools needs no jsonschema (bench/gpu checks the training imports)
     defined = {t["function"]["name"]: t["function"] for t in tools}
     pending: list[ToolCall] = []
     for m, name in zip(messages, names, strict=True):

@@ -2,9 +2,10 @@
 
 The transformer body runs once; the LM head and log-softmax then run only on the positions whose next token
 is trained, a chunk at a time, so the full [tokens x vocab] logits never exist at once: a frozen linear head
-recomputes each chunk's logits in the backward (`FrozenHeadLogps`), any other head (trained in full
-fine-tuning or `modules_to_save`, 4-bit, or followed by a logit transform) runs each chunk under activation
-checkpointing. Every method gets its log-probs from here.
+recomputes each chunk's logits in the backward (`FrozenHeadLogps`); a trained linear head on CUDA uses
+Liger's fused linear cross-entropy where the model's KernelPolicy allows it (model/attention.py); any other
+head (trained in full fine-tuning or `modules_to_save`, 4-bit, or followed by a logit transform) runs each
+chunk under activation checkpointing. Every method gets its log-probs from here.
 
 Some architectures transform the head's output before the softmax (Gemma-2/3 soft-capping, Granite's
 `logits_scaling`, Cohere's `logit_scale`, Falcon-H1's `lm_head_multiplier`); `logit_transform` applies the
@@ -25,7 +26,9 @@ from torch.utils.checkpoint import checkpoint
 from ..data.batching import Batch
 from ..data.render import IGNORE
 from ..errors import TunesmithError
-from ..model.fused import lora_inputs_uncast, pick_attention
+from ..model.attention import POLICY, attention_inputs
+from ..model.fused import lora_inputs_uncast
+from ..model.kernels import head_ce_kernel
 from ..model.unwrap import unwrap
 
 
@@ -52,11 +55,10 @@ def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Last hidden states [R, T, H] of the transformer body (adapters included, LM head not applied)."""
     lm = unwrap(model)
     body = getattr(lm, lm.base_model_prefix)
-    pick_attention(lm, batch.input_ids.shape[1])
+    attention = attention_inputs(lm, batch)
     autocast = torch.is_autocast_enabled(batch.input_ids.device.type)
     with lora_inputs_uncast(model) if autocast else contextlib.nullcontext():
-        out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask(),
-                   position_ids=batch.position_ids, use_cache=False)
+        out = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **attention)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -119,15 +121,32 @@ def _frozen_linear(head: torch.nn.Module) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
+def _trained_linear(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and head.bias is None and head.weight.requires_grad
+
+
+def _fused_head_logps(fused_ce, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) through a fused linear cross-entropy, both operands in the compute dtype (what autocast
+    would give the head's matmul)."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    return -fused_ce(h.to(dtype), weight.to(dtype), targets)
+
+
 def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of every trained token and the sequence it belongs to, both [N_target]."""
     h = hidden_states(model, batch)
-    head = unwrap(model).get_output_embeddings()
+    lm = unwrap(model)
+    head = lm.get_output_embeddings()
     transform = logit_transform(model)
     targets_mask = batch.labels[:, 1:] != IGNORE
     h_sel = h[:, :-1][targets_mask]
     targets = batch.labels[:, 1:][targets_mask]
     seq = batch.seq_ids[:, 1:][targets_mask]
+    fused_ce = head_ce_kernel(getattr(getattr(lm, POLICY, None), "head_ce", None))
+    if fused_ce is not None and transform is None and torch.is_grad_enabled() and _trained_linear(head) \
+            and targets.numel():
+        return _fused_head_logps(fused_ce, h_sel, head.weight, targets), seq
     pieces = []
     for k in range(0, targets.shape[0], chunk):
         hc, tc = h_sel[k:k + chunk], targets[k:k + chunk]
@@ -150,13 +169,13 @@ def sequence_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> S
     return SeqLogps(total, count)
 
 
-@torch.no_grad()
 def _rows(layer: torch.nn.Module) -> int:
     """The token count of an embedding or head, read from the module, not its weight: a 4-bit weight is packed."""
     base = getattr(layer, "base_layer", layer)  # a PEFT-wrapped layer
     return getattr(base, "num_embeddings", None) or getattr(base, "out_features", None) or base.weight.shape[0]
 
 
+@torch.no_grad()
 def check_head(model: torch.nn.Module, n_tokens: int = 24, tolerance: float = 0.05) -> None:
     """Compare tunesmith's per-token log-probs with the model's own forward on a short random sequence and
     refuse the model when they differ (its forward does something after the head that the chunked head

@@ -11,7 +11,7 @@ Same math as transformers' modules; the difference is what autograd saves and ho
     and values. On CPU this trains faster than torch's flash-attention kernel for 64-dim heads.
 `fuse(model)` swaps the first three in on the model instance (the class and the saved weights are untouched)
 for the architectures whose modules it knows; others are left as they are. The attention is registered with
-transformers and chosen by `train.recipe.choose_attention`.
+transformers and chosen per batch by model/attention.py.
 
 `lora_inputs_uncast(model)`: under autocast, LoRA layers cast their bf16 input to fp32 only for autocast to
 cast it straight back for the matmul; switching the cast off saves the time and a copy per adapted layer
@@ -125,15 +125,6 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     out = AttentionFn.apply(query, key, value, mask, scaling)
     return out.transpose(1, 2).contiguous(), None
-
-
-def pick_attention(lm: nn.Module, row_length: int) -> None:
-    """Per batch, for a model set up by `train.recipe.choose_attention`: the matmul attention for rows up to
-    `lm.matmul_attention_max_row` tokens, SDPA for longer ones. Set before the forward and left in place, so
-    a checkpointed layer recomputes with the same attention."""
-    limit = getattr(lm, "matmul_attention_max_row", None)
-    if limit is not None:
-        lm.config._attn_implementation = ATTENTION if row_length <= limit else "sdpa"
 
 
 def register_attention() -> None:

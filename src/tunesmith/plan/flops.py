@@ -104,17 +104,25 @@ def recompute_flops(s: Shapes, seqs: SeqStats) -> float:
     return float(2 * s.n_linear * seqs.tokens + 4 * s.heads * s.head_dim * pairs * s.layers)
 
 
-def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, seconds: float) -> float:
-    """Median FLOP/s of [m,k] @ [k,n] over repeats filling about `seconds` (after a warm-up)."""
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, seconds: float, device: str = "cpu") -> float:
+    """Median FLOP/s of [m,k] @ [k,n] over repeats filling about `seconds` (after a warm-up); on CUDA each
+    repeat is 10 matmuls timed between synchronisations (kernel launches are asynchronous)."""
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+    cuda = torch.device(device).type == "cuda"
+    reps = 10 if cuda else 1
     torch.mm(a, b)
     rates, spent = [], 0.0
     while spent < seconds or len(rates) < 3:
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        for _ in range(reps):
+            torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         spent += dt
-        rates.append(2 * m * k * n / dt)
+        rates.append(2 * m * k * n * reps / dt)
     return statistics.median(rates)
 
 
@@ -124,9 +132,11 @@ def model_matmul_shapes(s: Shapes, tokens: int = 4096) -> list[tuple[int, int, i
     return [(tokens, d, ff), (tokens, ff, d), (tokens, d, d), (tokens, d, kv), (1024, d, s.vocab)]
 
 
-def measured_peak(s: Shapes, dtype: torch.dtype = torch.bfloat16, seconds: float = 1.0, tokens: int = 4096) -> dict:
+def measured_peak(s: Shapes, dtype: torch.dtype = torch.bfloat16, seconds: float = 1.0, tokens: int = 4096,
+                  device: str = "cpu") -> dict:
     """Best matmul rate over the model's shapes, in FLOP/s, with the rate of each shape."""
-    rates = {f"{m}x{k}x{n}": matmul_rate(m, k, n, dtype, seconds) for m, k, n in model_matmul_shapes(s, tokens)}
+    rates = {f"{m}x{k}x{n}": matmul_rate(m, k, n, dtype, seconds, device)
+             for m, k, n in model_matmul_shapes(s, tokens)}
     return {"dtype": str(dtype).removeprefix("torch."), "peak_flops": max(rates.values()), "by_shape": rates}
 
 

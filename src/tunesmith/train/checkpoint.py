@@ -207,10 +207,12 @@ def _from_fqn_state(full: dict, kind: str) -> tuple[dict[str, torch.Tensor], dic
     tensors, scalars = {}, {}
     for fqn, st in full.get("state", {}).items():
         for k, v in st.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                tensors[f"{fqn[cut:]}::{k}"] = v
-            else:
-                scalars.setdefault(fqn[cut:], {})[k] = float(v)
+            # bitsandbytes nests its 8-bit state (moments, quantisation maps, absmax) in one dict entry
+            for key, x in ({f"{k}/{sub}": x for sub, x in v.items()} if isinstance(v, dict) else {k: v}).items():
+                if isinstance(x, torch.Tensor) and x.dim() > 0:
+                    tensors[f"{fqn[cut:]}::{key}"] = x.clone()  # bitsandbytes shares one map between parameters
+                else:  # an int stays an int (bitsandbytes' step), a tensor step becomes a float
+                    scalars.setdefault(fqn[cut:], {})[key] = x if isinstance(x, int) else float(x)
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [f[cut:] for f in g["params"]]}
               for g in full.get("param_groups", [])]
     return tensors, {"groups": groups, "scalars": scalars, "type": kind}
@@ -218,12 +220,19 @@ def _from_fqn_state(full: dict, kind: str) -> tuple[dict[str, torch.Tensor], dic
 
 def _to_fqn_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[str, dict] = {}
+    def put(name: str, key: str, value) -> None:
+        k, _, sub = key.partition("/")
+        entry = state.setdefault(POLICY_PREFIX + name, {})
+        if sub:
+            entry.setdefault(k, {})[sub] = value
+        else:
+            entry[k] = value
+
     for key, t in tensors.items():
-        name, k = key.split("::", 1)
-        state.setdefault(POLICY_PREFIX + name, {})[k] = t
+        put(*key.split("::", 1), t)
     for name, sc in meta["scalars"].items():
         for k, v in sc.items():
-            state.setdefault(POLICY_PREFIX + name, {})[k] = torch.tensor(v, dtype=torch.float32)
+            put(name, k, v if isinstance(v, int) else torch.tensor(v, dtype=torch.float32))
     groups = [{**{k: tuple(v) if k == "betas" else v for k, v in g.items() if k != "params"},
                "params": [POLICY_PREFIX + n for n in g["params"]]} for g in meta["groups"]]
     return {"state": state, "param_groups": groups}
@@ -268,7 +277,10 @@ def _optimizer_state(opt: torch.optim.Optimizer, names: dict[str, torch.nn.Param
         name = by_id[id(p)]
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                tensors[f"{name}::{k}"] = v.detach().contiguous().cpu()
+                t = v.detach().contiguous().cpu()
+                # a copy when still the live tensor: bitsandbytes shares one quantisation map between parameters,
+                # and safetensors refuses tensors that share memory
+                tensors[f"{name}::{k}"] = t.clone() if t.data_ptr() == v.data_ptr() else t
             else:
                 scalars.setdefault(name, {})[k] = float(v) if isinstance(v, torch.Tensor) else v
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [by_id[id(p)] for p in g["params"]]}
@@ -286,16 +298,26 @@ def _load_optimizer(opt: torch.optim.Optimizer, names: dict[str, torch.nn.Parame
             if k != "params":
                 group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
     opt.state.clear()
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     for name, p in names.items():
         st: dict[str, Any] = {}
         for k, v in meta["scalars"].get(name, {}).items():
-            st[k] = torch.tensor(v, dtype=torch.float32) if k == "step" else v
+            st[k] = _step(v, p, group_of.get(id(p), {})) if k == "step" else v
         prefix = f"{name}::"
         for key, t in tensors.items():
             if key.startswith(prefix):
                 st[key[len(prefix):]] = t.to(p.device)
         if st:
             opt.state[p] = st
+
+
+def _step(value: float | int, param: torch.Tensor, group: dict) -> torch.Tensor | int:
+    """An optimizer's step count as it keeps it: torch's a float32 tensor (saved as a JSON float), on the
+    parameter's device for fused and capturable AdamW, which read it there; bitsandbytes' a plain int."""
+    if isinstance(value, int):
+        return value
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.tensor(value, dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:

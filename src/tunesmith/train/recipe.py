@@ -28,10 +28,13 @@ from ..methods import Method, get_method
 from ..methods.logps import check_head
 from ..methods.reference import Reference, build_reference
 from ..model import adapters
+from ..model.attention import attention_summary
 from ..model.device import Runtime, make_runtime
 from ..model.load import load_model_and_tokenizer, model_identity
+from ..model.memory import memory_report, reset_peaks
 from ..model.unwrap import unwrap
 from .loop import Policy, Trainer, TrainState
+from .optim import build_optimizer
 from .parallel import SingleProcess, setup_parallel, world_from_env
 from .rundir import RunDir, data_hash
 from .session import run_loop
@@ -152,6 +155,7 @@ def prepare_stage(cfg: RunConfig, run_path: Path, console: Console) -> Stage:
     cfg = with_accumulation(cfg, world_from_env()[1])
     rt = make_runtime(cfg.device, cfg.precision, cfg.threads)
     parallel = setup_processes(cfg, rt, console)
+    reset_peaks(rt.device)
     run = RunDir(run_path, rt.is_main)
     run.write_config(cfg)
     seed_everything(cfg.train.seed)
@@ -229,7 +233,7 @@ def setup_model(cfg: RunConfig, rt: Runtime, console: Console) -> tuple[torch.nn
         model = adapters.apply_adapter(model, cfg.adapter)
     if cfg.train.grad_checkpointing:
         adapters.enable_gradient_checkpointing(model)
-    choose_attention(model, rt, cfg.train.fused)  # before compiling: it swaps module forwards
+    choose_attention(model, rt, cfg.train.fused, cfg.train.attention, cfg.train.liger)  # before compiling
     check_head(model)  # the chunked LM head reproduces this model's own log-probs, or the run stops here
     if cfg.train.compile:
         adapters.compile_layers(model)
@@ -292,7 +296,7 @@ def setup_trainer(cfg: RunConfig, method: Method, model: torch.nn.Module, tokeni
         def eval_source():
             return eval_batches(eval_items, t.micro_batch_size, collator, parallel.rank, parallel.world_size)
     trainer = Trainer(model, method, PlannedSource(plan, items, collator, parallel.rank), t, rt,
-                      _optimizer(model, cfg), reference=reference, eval_source=eval_source, parallel=parallel,
+                      build_optimizer(model, cfg), reference=reference, eval_source=eval_source, parallel=parallel,
                       policy=policy)
     return trainer, reference
 
@@ -318,7 +322,7 @@ def finish_stage(st: Stage, state: TrainState, console: Console, seconds: float)
         "trainable": adapters.trainable_summary(st.model), "state": state.as_dict(),
         "steps": st.trainer.total_steps, "wall_time_s": round(seconds, 2), "device": str(rt.device),
         "precision": rt.precision, "final": state.history[-1] if state.history else {}, "warnings": warnings,
-        "complete": True,
+        "memory": memory_report(rt.device), "attention": attention_summary(st.model), "complete": True,
     }
     if st.reference is not None:
         info["reference"] = {"key": st.reference.key, "cache_hit": st.reference.cache_hit,
@@ -342,15 +346,6 @@ def gathered_weights(policy: torch.nn.Module, model: torch.nn.Module) -> dict[st
     return {name: v for k, v in full.items() if (name := k.removeprefix("model.")) not in tied}
 
 
-def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    groups = adapters.optimizer_param_groups(model, cfg.adapter, cfg.train.lr, cfg.train.weight_decay)
-    if cfg.train.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, lr=cfg.train.lr)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
-
-
 def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
     if "documents" in stats:
         console.print(f"rendered {stats['documents']} documents into {stats['windows']} windows of at most "
@@ -366,23 +361,12 @@ def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
     console.print(msg)
 
 
-def choose_attention(model: torch.nn.Module, rt, fused: bool = True) -> str:
-    """Set up the layers training runs: with `train.fused`, the fused RMSNorm / SwiGLU / LoRA forwards
-    (`model.fused.fuse`) and, on CPU, tunesmith's matmul attention (model/fused.py) for rows of up to
-    MATMUL_ATTENTION_MAX_ROW tokens and SDPA for longer ones, picked per batch. torch's CPU flash-attention
-    kernel has a slow backward for 64-dim heads (SmolLM2-135M, 30 layers of 4 x 421 tokens, one thread:
-    2.1 s against 1.0 s), while the matmul attention's memory grows with the square of the row length.
-    Otherwise (CUDA, or fused off): SDPA. All of them read the same additive mask."""
-    from ..model.fused import MATMUL_ATTENTION_MAX_ROW, fuse, register_attention
+def choose_attention(model: torch.nn.Module, rt, fused: bool = True, attention: str = "auto",
+                     liger: bool = True) -> str:
+    """Set up the layers and kernels training runs (model/attention.py): with `train.fused`, the fused
+    RMSNorm / SwiGLU / LoRA forwards; per batch, a variable-length flash kernel on CUDA, tunesmith's matmul
+    attention for short CPU rows, SDPA with the mask otherwise; Liger's fused cross-entropy for a trained
+    head on CUDA. Returns a description of the attention."""
+    from ..model.attention import setup
 
-    base = unwrap(model)
-    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return base.config._attn_implementation  # e.g. flash_attention_2 chosen by the user's setup
-    if fused:
-        fuse(model)
-    if fused and rt.device.type == "cpu":
-        register_attention()
-        base.matmul_attention_max_row = MATMUL_ATTENTION_MAX_ROW
-        return f"tunesmith up to {MATMUL_ATTENTION_MAX_ROW} tokens, sdpa above"
-    base.set_attn_implementation("sdpa")
-    return "sdpa"
+    return setup(model, rt.device, rt.precision, fused, attention, liger)
