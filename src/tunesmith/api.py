@@ -29,13 +29,15 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     an `eval:` section, the comparison eval runs at the end. `resume="auto"` continues from the newest complete
     checkpoint of the run (or starts fresh when there is none); a checkpoint folder resumes from that one."""
     from .train.recipe import train as run_training
+    from .train.trackers import Trackers
 
     cfg = _as_config(config, overrides)
-    run = run_training(cfg, console=console, progress=progress, resume=resume)
-    if evaluate and cfg.eval is not None:
-        from .eval.run import evaluate_run
+    with Trackers(cfg, console) as trackers:  # train.report_to; finished after the eval
+        run = run_training(cfg, console=console, progress=progress, resume=resume, trackers=trackers)
+        if evaluate and cfg.eval is not None:
+            from .eval.run import evaluate_run
 
-        run.info["eval"] = evaluate_run(run, console=console)
+            run.info["eval"] = evaluate_run(run, console=console)
     return run
 
 

@@ -15,6 +15,7 @@ Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"]
 AdapterKind = Literal["lora", "rslora", "dora", "qlora", "full"]
 PREFERENCE_METHODS = {"dpo", "ipo", "orpo", "simpo"}
 REFERENCE_METHODS = {"dpo", "ipo", "kto"}
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
 
 
 class Section(BaseModel):
@@ -96,6 +97,12 @@ class TrainConfig(Section):
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
     skip_nonfinite: int = Field(0, ge=0)
+    report_to: list[Tracker] = Field(default_factory=list)  # experiment trackers (train/trackers.py)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, v: Any) -> Any:
+        return [] if v in (None, "none") else [v] if isinstance(v, str) else v
 
 
 class EvalConfig(Section):

@@ -59,12 +59,13 @@ def base_dtype(cfg: RunConfig, precision: str) -> str:
     return precision
 
 
-def train(cfg: RunConfig, console: Console | None = None, progress: bool = True, resume: str | None = None) -> Run:
+def train(cfg: RunConfig, console: Console | None = None, progress: bool = True, resume: str | None = None,
+          trackers=None) -> Run:
     """Run a whole config: one stage, or each of `stages` in order. With `resume` ("auto" or a checkpoint
     folder), finished stages are kept and the interrupted one continues from its newest complete checkpoint."""
     console = console or Console(stderr=True)
     if not cfg.stages:
-        return train_stage(cfg, cfg.run_dir, console, progress, resume)
+        return train_stage(cfg, cfg.run_dir, console, progress, resume, trackers)
     runs: list[Run] = []
     from_adapter = cfg.adapter.from_adapter
     for i, stage_cfg in enumerate(stage_configs(cfg)):
@@ -80,8 +81,10 @@ def train(cfg: RunConfig, console: Console | None = None, progress: bool = True,
         if done.get("complete"):
             console.print(f"stage {name} already finished; reusing {stage_dir / 'adapter'}")
             run = Run(stage_dir, stage_cfg, None, done)
+            if trackers is not None:
+                trackers.finished_stage(stage_dir, name)
         else:
-            run = train_stage(stage_cfg, stage_dir, console, progress, resume)
+            run = train_stage(stage_cfg, stage_dir, console, progress, resume, trackers, stage=name)
         runs.append(run)
         from_adapter = run.adapter
     final = RunDir(cfg.run_dir)
@@ -111,7 +114,7 @@ def stage_configs(cfg: RunConfig) -> list[RunConfig]:
 
 
 def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool = True,
-                resume: str | None = None) -> Run:
+                resume: str | None = None, trackers=None, stage: str | None = None) -> Run:
     from ..data.load import load_data, write_rejects
     from ..data.render import Renderer
     from ..model.adapters import (
@@ -126,6 +129,8 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
     started = time.time()
     rt = make_runtime(cfg.device, cfg.precision, cfg.threads)
     run = RunDir(run_path, rt.is_main)
+    if trackers is not None:
+        trackers.attach(run, rt, stage)  # train.report_to: mirrors metrics.jsonl
     run.write_config(cfg)
     seed_everything(cfg.train.seed)
     method = get_method(cfg.method, cfg.method_args)
