@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from .config import RunConfig, load_config, parse_config
-from .eval.run import EvalResult, evaluate
+from .console import make_console, quiet
+from .eval.run import EvalResult
+from .eval.run import evaluate as _evaluate
 from .train.recipe import Run
 
 
@@ -24,21 +27,29 @@ def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | Non
 
 def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
           console: Console | None = None, progress: bool = True, evaluate: bool = True,
-          resume: str | None = None) -> Run:
+          resume: str | None = None, verbose: bool | None = None) -> Run:
     """Train as the config says (a RunConfig, a dict, or a YAML path) and return the run. When the config has
     an `eval:` section, the comparison eval runs at the end. `resume="auto"` continues from the newest complete
-    checkpoint of the run (or starts fresh when there is none); a checkpoint folder resumes from that one."""
+    checkpoint of the run (or starts fresh when there is none); a checkpoint folder resumes from that one.
+    `verbose=True` (or TUNESMITH_VERBOSE=1) also shows the libraries' own progress bars, logs and warnings."""
     from .train.recipe import train as run_training
     from .train.trackers import Trackers
 
     cfg = _as_config(config, overrides)
-    with Trackers(cfg, console) as trackers:  # train.report_to; finished after the eval
+    console = console or make_console()
+    with quiet(verbose, console), Trackers(cfg, console) as trackers:  # trackers finish after the eval
         run = run_training(cfg, console=console, progress=progress, resume=resume, trackers=trackers)
         if evaluate and cfg.eval is not None:
             from .eval.run import evaluate_run
 
             run.info["eval"] = evaluate_run(run, console=console)
     return run
+
+
+@functools.wraps(_evaluate)
+def evaluate(*args: Any, verbose: bool | None = None, **kwargs: Any) -> EvalResult:
+    with quiet(verbose, kwargs.get("console")):
+        return _evaluate(*args, **kwargs)
 
 
 class ChatModel:
@@ -68,11 +79,12 @@ def open_model(target: str | Path | None = None, device: str = "auto", precision
 
     rt = make_runtime(device, precision)
     dtype = "fp32" if rt.precision == "fp32" else rt.precision
-    if target is not None and is_run_dir(target):
-        model, tok, _ = load_run(target, device=rt.device, precision=rt.precision, dtype=dtype)
-    else:
-        model, tok = load_model_and_tokenizer(str(target) if target else "default", device=rt.device,
-                                              precision=rt.precision, dtype=dtype)
+    with quiet():
+        if target is not None and is_run_dir(target):
+            model, tok, _ = load_run(target, device=rt.device, precision=rt.precision, dtype=dtype)
+        else:
+            model, tok = load_model_and_tokenizer(str(target) if target else "default", device=rt.device,
+                                                  precision=rt.precision, dtype=dtype)
     return ChatModel(model, tok, rt.device, rt.precision)
 
 
@@ -89,11 +101,12 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     if base is None:
         runs = [run_info(p) for p in adapters.values() if is_run_dir(p)]
         base = runs[0]["model"] if runs else "default"
-    model, tok = load_model_and_tokenizer(base, device=rt.device, precision=rt.precision,
-                                          dtype="fp32" if rt.precision == "fp32" else rt.precision)
-    aset = AdapterSet(model)
-    for name, d in dirs.items():
-        aset.add(name, d)
+    with quiet():
+        model, tok = load_model_and_tokenizer(base, device=rt.device, precision=rt.precision,
+                                              dtype="fp32" if rt.precision == "fp32" else rt.precision)
+        aset = AdapterSet(model)
+        for name, d in dirs.items():
+            aset.add(name, d)
     return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import advance
 from ..data.batching import collate
 from ..data.render import Renderer
 from ..data.types import Conversation, Message
@@ -88,6 +89,7 @@ class Engine:
                 logps = sequence_logps(self.model, batch)
             for row, i in enumerate(chunk):
                 out[i] = float(-logps.logp_sum[row] / logps.n_tokens[row].clamp(min=1))
+            advance(len(chunk))
         return out
 
     def chat_fn(self, max_new_tokens: int = 16) -> Callable[[list[str]], list[str]]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from ..console import make_console, phase
 from ..data.formats import messages_text, prompt_messages, target_messages
 from ..data.types import Dataset, Example, Message, Unpaired
 from ..errors import TunesmithError
@@ -105,7 +106,7 @@ def evaluate(data: DataLike, candidates: str | Sequence[str] = ("base", "base+fe
              tuned_run: str | Path | None = None) -> EvalResult:
     """Compare the candidates on held-out `data` and write results.json / report.md / report.html into
     `out_dir` (when given). Raises NoWin (exit code 1) after writing when `require_win` and no clear win."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     cands = parse_candidates(candidates, tuned_run)
     metric_specs = [metrics] if isinstance(metrics, str) else list(metrics)
     if not metric_specs:
@@ -129,7 +130,8 @@ def evaluate(data: DataLike, candidates: str | Sequence[str] = ("base", "base+fe
     if system_prompt is None:
         system_prompt = run_system_prompt(cands)
 
-    engine = Engine(base_spec, cands, device, precision, batch_size, max_new_tokens, system_prompt)
+    with phase("load model", console=console):
+        engine = Engine(base_spec, cands, device, precision, batch_size, max_new_tokens, system_prompt)
     the_judge = remote_judge or _local_judge(judge, engine, base_spec, device, precision, batch_size)
     console.print(f"evaluating {', '.join(c.name for c in cands)} on {len(eval_set)} examples "
                   f"(base model: {base_spec})", soft_wrap=True, highlight=False)
@@ -166,8 +168,8 @@ def compare_on(name: str, engine: Engine, dataset: Sequence[Example], cands: Seq
     outputs: dict[str, list[str]] = {}
     if judge is not None or any(not m.needs_logprobs for m in metric_list):
         for c in cands:
-            console.print(f"[dim]{name}: generating with {c.name}[/dim]")
-            outputs[c.name] = engine.generate(c, seen[c.name])
+            with phase(f"{name} {c.name}", len(prompts), console, "answers"):
+                outputs[c.name] = engine.generate(c, seen[c.name])
     scores: dict[str, dict[str, list[float]]] = {}
     for m in metric_list:
         scores[m.name] = {c.name: _score(m, engine, c, seen[c.name], targets, outputs.get(c.name), references)
@@ -192,7 +194,9 @@ def compare_on(name: str, engine: Engine, dataset: Sequence[Example], cands: Seq
 def _score(metric: Metric, engine: Engine, cand: Candidate, prompts: Sequence[Sequence[Message]],
            targets: Sequence[Sequence[Message]], outputs: list[str] | None, references: list[str]) -> list[float]:
     if metric.needs_logprobs:
-        return [metric.score_nll(x) for x in engine.nll(cand, prompts, targets)]  # type: ignore[attr-defined]
+        with phase(f"{metric.name} {cand.name}", len(prompts), unit="answers"):
+            nll = engine.nll(cand, prompts, targets)
+        return [metric.score_nll(x) for x in nll]  # type: ignore[attr-defined]
     return score_all(metric, outputs or [], references)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..console import advance, phase
 from ..data.batching import Batch, batch_order, collate, pack_setting
 from ..data.render import IGNORE, Tokenized
 from ..errors import TrainingAborted, TunesmithError
@@ -218,6 +219,7 @@ def score_sequences(model: torch.nn.Module, seqs: Sequence[Tokenized], pad_id: i
         with rt.autocast():
             out = sequence_logps(model, batch, logits_chunk)
         logp[idx], count[idx] = out.logp_sum.float().cpu(), out.n_tokens.float().cpu()
+        advance(len(idx))
     return logp, count
 
 
@@ -245,8 +247,9 @@ def compute_tables(model: torch.nn.Module, method: Any, sets: dict[str, Sequence
                 if c != r and not {c, r} & used:
                     shared.append((c, r))
                     used.update((c, r))
-    all_logp, all_n = score_sequences(model, todo, pad_id, pack, 2 * t.micro_batch_size, rt, t.logits_chunk,
-                                      pairs=shared)
+    with phase("reference pass", len(todo), unit="sequences", enabled=rt.is_main):
+        all_logp, all_n = score_sequences(model, todo, pad_id, pack, 2 * t.micro_batch_size, rt, t.logits_chunk,
+                                          pairs=shared)
     tables = {}
     for name, items in sets.items():
         k = len(method.sequences(items[0]))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..console import advance
 from ..data.render import Renderer, end_of_turn_ids
 from ..data.types import Message
 from .unwrap import unwrap
@@ -86,6 +87,7 @@ class Generator:
                 new = gen[r, width:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in self.stop_ids), len(new))
                 out[i] = self.tok.decode(new[:cut], skip_special_tokens=True)
+            advance(len(chunk))
         return out
 
     def _layout(self, rows: list[list[int]], shared: int) -> tuple[torch.Tensor, torch.Tensor]:

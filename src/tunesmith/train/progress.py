@@ -1,27 +1,38 @@
-"""Progress display: a rich bar in a terminal, plain periodic lines otherwise (CI logs)."""
+"""The training phase's progress: a rich bar with loss, tokens/s and ETA in a terminal; in a log (CI), a line
+every 10 s, at the first and last step and at every eval (the other phases: tunesmith/console.py)."""
 
 from __future__ import annotations
 
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..console import duration, make_console
 
 
 class TrainProgress:
     def __init__(self, total: int, console: Console | None = None, enabled: bool = True, label: str = "train"):
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console()
         self.enabled = enabled
         self.total = total
-        self.label = label
+        self.label = label if label == "train" else f"train {label}"  # the method's name: "train sft"
         self.live = enabled and self.console.is_terminal
         self._last_print = 0.0
+        self._started = time.monotonic()
         self.bar = None
         if self.live:
-            self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
-                                transient=False)
-            self.task = self.bar.add_task(label, total=total, info="")
+            self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                TimeRemainingColumn(), console=self.console, transient=False)
+            self.task = self.bar.add_task(self.label, total=total, info="")
 
     def __enter__(self):
         if self.bar is not None:
@@ -44,4 +55,7 @@ class TrainProgress:
         now = time.monotonic()
         if now - self._last_print > 10 or record["step"] in (1, self.total) or "eval_loss" in record:
             self._last_print = now
-            self.console.print(f"{self.label} step {record['step']}/{self.total}  {info}  eta {eta_s:,.0f}s")
+            elapsed = duration(time.monotonic() - self._started)
+            eta = f"  eta {duration(eta_s)}" if record["step"] < self.total else ""
+            self.console.print(f"{self.label}: step {record['step']}/{self.total}  {info}  {elapsed} elapsed{eta}",
+                               highlight=False, markup=False)

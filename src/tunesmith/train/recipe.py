@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from ..config import DataConfig, RunConfig, TrainConfig
+from ..console import counted, make_console, phase
 from ..data.batching import pack_setting
 from ..errors import TunesmithError
 from ..methods import get_method
@@ -63,7 +64,7 @@ def train(cfg: RunConfig, console: Console | None = None, progress: bool = True,
           trackers=None) -> Run:
     """Run a whole config: one stage, or each of `stages` in order. With `resume` ("auto" or a checkpoint
     folder), finished stages are kept and the interrupted one continues from its newest complete checkpoint."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     if not cfg.stages:
         return train_stage(cfg, cfg.run_dir, console, progress, resume, trackers)
     runs: list[Run] = []
@@ -146,11 +147,13 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
         write_rejects(train_ds, run.path / "rejects.jsonl")
         console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
 
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model, device=rt.device, precision=rt.precision, dtype=base_dtype(cfg, rt.precision),
-        quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
-        quantize_embeddings=cfg.adapter.embeddings_in_4bit,
-        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    shown = progress and rt.is_main
+    with phase("load model", console=console, enabled=shown):
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, device=rt.device, precision=rt.precision, dtype=base_dtype(cfg, rt.precision),
+            quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
+            quantize_embeddings=cfg.adapter.embeddings_in_4bit,
+            trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.adapter.from_adapter:
         model = load_adapter(model, cfg.adapter.from_adapter, trainable=True)
     else:
@@ -170,11 +173,14 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
 
     renderer = Renderer(tokenizer, cfg.data.max_length, cfg.data.truncation, cfg.data.train_on,
                         cfg.data.system_prompt)
-    items = [x for x in (method.render(renderer, ex) for ex in train_ds.examples) if x is not None]
-    train_stats = renderer.stats.as_dict()
-    eval_items = None
-    if eval_ds is not None:
-        eval_items = [x for x in (method.render(renderer, ex) for ex in eval_ds.examples) if x is not None]
+    n_examples = len(train_ds.examples) + (len(eval_ds.examples) if eval_ds is not None else 0)
+    with phase("tokenise", n_examples, console, "examples", enabled=shown):
+        items = [x for x in (method.render(renderer, ex) for ex in counted(train_ds.examples)) if x is not None]
+        train_stats = renderer.stats.as_dict()
+        eval_items = None
+        if eval_ds is not None:
+            eval_items = [x for x in (method.render(renderer, ex) for ex in counted(eval_ds.examples))
+                          if x is not None]
     _report_render(console, train_stats, cfg)
     if cfg.method == "kto":
         items, eval_items = _kto_items(items, eval_items, cfg.train.micro_batch_size, console)
