@@ -16,7 +16,7 @@ LABELS = ["card_arrival", "exchange_rate", "top_up_failed", "card_linking"]
 TOOLS = {"data_check", "plan", "train", "train_status", "train_stop", "jobs", "evaluate", "export"}
 
 
-def workspace(tiny_dir, tmp_path, max_steps=4, name="agent"):
+def workspace(tiny_dir, tmp_path, max_steps=4, name="mcp-run"):
     rows = [{"messages": [{"role": "user", "content": "hello world " * (1 + i % 3) + str(i)},
                           {"role": "assistant", "content": LABELS[i % 4]}]} for i in range(16)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:12] + rows[:1]) + "\n")
@@ -54,7 +54,7 @@ async def wait_for(client, job, states, timeout=240):
     raise AssertionError(f"job {job} did not reach {states}: {status}")
 
 
-def test_an_agent_checks_trains_evaluates_and_exports(tiny_dir, tmp_path):
+def test_a_client_checks_trains_evaluates_and_exports(tiny_dir, tmp_path):
     workspace(tiny_dir, tmp_path)
 
     async def scenario():
@@ -79,24 +79,24 @@ def test_an_agent_checks_trains_evaluates_and_exports(tiny_dir, tmp_path):
             assert done["state"] == "finished", done
             assert done["step"] == done["total_steps"] == 4 and done["exit_code"] == 0
             assert done["last"]["loss"] > 0 and done["eval"]["scores"]["exact"]["tuned"]["mean"] >= 0
-            run = tmp_path / "runs" / "agent"
+            run = tmp_path / "runs" / "mcp-run"
             assert Path(done["run"]) == run and (run / "adapter" / "adapter_model.safetensors").exists()
             kind, listed_jobs = await call(client, "jobs")
             assert [j["job"] for j in listed_jobs["result"]] == [started["job"]]
 
-            kind, summary = await call(client, "evaluate", data="test.jsonl", candidates=["base", "runs/agent"],
+            kind, summary = await call(client, "evaluate", data="test.jsonl", candidates=["base", "runs/mcp-run"],
                                        metrics=["exact", "loss"], max_new_tokens=3)
             assert kind == "ok" and summary["n"] == 4, summary
             assert set(summary["scores"]) == {"exact", "loss"} and summary["verdicts"]
             on_disk = json.loads((run / "run.json").read_text())["eval"]["scores"]["exact"]
             assert summary["scores"]["exact"]["base"] == on_disk["base"]  # the same eval, two ways
 
-            kind, exported = await call(client, "export", run="runs/agent", format="peft")
+            kind, exported = await call(client, "export", run="runs/mcp-run", format="peft")
             assert kind == "ok", exported
             assert Path(exported["path"]) == run / "export" / "peft"
             assert (run / "export" / "peft" / "adapter_config.json").exists() and exported["commands"]
 
-            kind, text = await call(client, "export", run="runs/agent", format="onnx")
+            kind, text = await call(client, "export", run="runs/mcp-run", format="onnx")
             assert kind == "error" and "unknown export format" in text and "hint:" in text
 
     anyio.run(scenario)
@@ -130,7 +130,7 @@ def test_a_stopped_job_resumes_and_a_closing_server_stops_its_jobs(tiny_dir, tmp
         # leaving the block closes the server while the resumed job trains
 
     stopped, resumed = anyio.run(scenario)
-    run = tmp_path / "runs" / "agent"
+    run = tmp_path / "runs" / "mcp-run"
     log = Path(resumed["log"]).read_text()
     assert "resumed from" in log and f"step {stopped['step']}" in log
     deadline = time.monotonic() + 60

@@ -20,8 +20,9 @@ from .api import (  # noqa: E402
     open_adapters,
     open_model,
     parse_config,
+    serve_mcp,
     train,
 )
 
 __all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "__version__", "evaluate", "load_config", "open_adapters",
-           "open_model", "parse_config", "train"]
+           "open_model", "parse_config", "serve_mcp", "train"]

@@ -110,5 +110,12 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
 
 
+def serve_mcp() -> None:
+    """`tunesmith mcp`: serve data check, plan, train, eval and export as MCP tools over stdio (docs/mcp.md)."""
+    from .mcp_server import serve
+
+    serve()
+
+
 __all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "evaluate", "load_config", "open_adapters", "open_model",
-           "parse_config", "train"]
+           "parse_config", "serve_mcp", "train"]

@@ -109,8 +109,9 @@ class Phase:
 
     def stop(self, failed: bool = False) -> None:
         if self.bar is not None:
-            if not failed and self.total is not None:
-                self.bar.update(self.task, completed=max(self.done, self.total))
+            if not failed:  # a finished bar stays on screen: full, or (no total) its spinner turned into a tick
+                total = self.total if self.total is not None else 1
+                self.bar.update(self.task, total=total, completed=max(self.done, total))
             self.bar.stop()
         elif self.enabled and not failed:
             unit = f" {self.unit}" if self.unit else ""
@@ -120,7 +121,7 @@ class Phase:
 
 def _columns(has_total: bool) -> list:
     if not has_total:
-        return [SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn()]
+        return [SpinnerColumn(finished_text="✓"), TextColumn("[bold]{task.description}"), TimeElapsedColumn()]
     return [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
 

@@ -1,4 +1,4 @@
-"""`tunesmith mcp`: a Model Context Protocol server, so that a coding agent can drive tunesmith.
+"""`tunesmith mcp`: a Model Context Protocol server, so that any MCP client can drive tunesmith.
 
 Tools: `data_check`, `plan`, `train` (a background job) with `train_status`, `train_stop` and `jobs`, `evaluate`
 and `export`. Training runs as its own `tunesmith train` process: the server stays responsive, a job survives a

@@ -27,11 +27,15 @@ class TrainProgress:
         self.live = enabled and self.console.is_terminal
         self._last_print = 0.0
         self._started = time.monotonic()
+        self._eval = ""
         self.bar = None
         if self.live:
-            self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                TimeRemainingColumn(), console=self.console, transient=False)
+            wide = self.console.width >= 110  # an 80-column terminal gets a shorter bar and no elapsed time
+            columns = [TextColumn(f"[bold]{self.label}"), BarColumn(bar_width=40 if wide else 12),
+                       MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
+            columns += [TimeElapsedColumn()] if wide else []
+            self.bar = Progress(*columns, TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+                                transient=False)
             self.task = self.bar.add_task(self.label, total=total, info="")
 
     def __enter__(self):
@@ -46,12 +50,15 @@ class TrainProgress:
     def update(self, record: dict, tokens_per_s: float, eta_s: float) -> None:
         if not self.enabled:
             return
+        info = f"loss {record['loss']:.4f}  {tokens_per_s:,.0f} tok/s"
+        if "eval_loss" in record:
+            self._eval = f"  eval {record['eval_loss']:.4f}"
+        if self.bar is not None:  # the last eval loss stays in view until the next one
+            self.bar.update(self.task, completed=record["step"], info=info + self._eval)
+            return
         info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
         if "eval_loss" in record:
-            info += f"  eval {record['eval_loss']:.4f}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=record["step"], info=info)
-            return
+            info += self._eval
         now = time.monotonic()
         if now - self._last_print > 10 or record["step"] in (1, self.total) or "eval_loss" in record:
             self._last_print = now
