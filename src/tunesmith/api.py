@@ -37,7 +37,7 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
 
     cfg = _as_config(config, overrides)
     console = console or make_console()
-    with quiet(verbose, console), Trackers(cfg, console) as trackers:  # trackers finish after the eval
+    with quiet(verbose), Trackers(cfg, console) as trackers:  # trackers finish after the eval
         run = run_training(cfg, console=console, progress=progress, resume=resume, trackers=trackers)
         if evaluate and cfg.eval is not None:
             from .eval.run import evaluate_run
@@ -48,7 +48,7 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
 
 @functools.wraps(_evaluate)
 def evaluate(*args: Any, verbose: bool | None = None, **kwargs: Any) -> EvalResult:
-    with quiet(verbose, kwargs.get("console")):
+    with quiet(verbose):
         return _evaluate(*args, **kwargs)
 
 

@@ -7,7 +7,7 @@ does nothing when no phase is open, so lower layers can call it without knowing 
 
 `quiet()` keeps the libraries' own output out of the way: transformers', datasets' and the Hub's progress
 bars ("Loading weights"), their info logs, and Python warnings raised inside those libraries. tunesmith's own
-warnings are shown as one `warning:` line each. `verbose=True` (`--verbose`, TUNESMITH_VERBOSE=1) shows it all.
+warnings are shown as one `warning: ...` line each. `verbose=True` (`--verbose`, TUNESMITH_VERBOSE=1) shows it all.
 """
 
 from __future__ import annotations
@@ -172,31 +172,27 @@ def track(items: Iterable[T], label: str, total: int | None = None, console: Con
 # ---------------------------------------------------------------- library noise
 
 @contextmanager
-def quiet(verbose: bool | None = None, console: Console | None = None) -> Iterator[None]:
+def quiet(verbose: bool | None = None) -> Iterator[None]:
     """Within: the libraries' progress bars off, their logs at error level, warnings raised inside them
-    hidden, and tunesmith's own warnings printed as `warning: ...` lines. Everything is put back after."""
+    hidden, and tunesmith's own warnings shown as one `warning: ...` line each (not file:line and source).
+    Everything is put back after."""
     if is_verbose(verbose):
         yield
         return
-    console = console or make_console()
-    restore = _silence_libraries()
-    shown: set[str] = set()
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        text = str(message)
-        if text not in shown:
-            shown.add(text)
-            from rich.markup import escape
-
-            console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
-
+    restore, formatting = _silence_libraries(), warnings.formatwarning
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=rf"({'|'.join(LIBRARIES)})(\.|$)")
-        warnings.showwarning = show
+        # Only the display changes: code that records warnings (catch_warnings(record=True)) still gets them.
+        warnings.formatwarning = _one_line
         try:
             yield
         finally:
+            warnings.formatwarning = formatting
             restore()
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 # Read by the libraries when they are first imported; the switches below cover those already imported.

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with quiet(True if args.verbose else None, console):
+        with quiet(True if args.verbose else None):
             return int(args.handler(args, console) or 0)
     except TunesmithError as e:
         from rich.markup import escape  # messages quote user text, e.g. "[/INST]", which is not markup

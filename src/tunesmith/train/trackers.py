@@ -340,11 +340,11 @@ class Trackers:
 
     def _open(self) -> None:
         config_text = dump_config(self.cfg)
+        self.opened = True  # set first: when a later tracker fails to open, finish() closes the earlier ones
         for name in self.names:
             backend = BACKENDS[name](self.cfg, config_text)
             self.backends.append(backend)
             self.console.print(f"[dim]{name}: {backend.describe()}[/dim]", highlight=False)
-        self.opened = True
         for stage_dir, stage in self.pending:
             from .rundir import read_metrics
 
