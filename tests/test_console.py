@@ -83,7 +83,7 @@ def test_a_phase_in_a_terminal_is_one_bar_left_on_screen():
         advance(6)
     final = buf.getvalue().split("\r")[-1]  # the bar's last redraw, which stays on screen
     assert final.startswith("\x1b[2Kreference pass ━━━━")
-    assert re.search(r"6/6 sequences \d:\d\d:\d\d eta 0:00:00\n", final)
+    assert re.search(r"6/6 sequences \d:\d\d:\d\d eta 0.0s\n", final)
 
 
 def test_quiet_hides_the_libraries_and_puts_them_back(tiny_dir, capfd):

@@ -29,7 +29,6 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 T = TypeVar("T")
@@ -72,12 +71,12 @@ class Phase:
         self.bar: Progress | None = None
         if enabled and live and console.is_terminal:
             self.bar = Progress(*_columns(total is not None), console=console, transient=False)
-            self.task = self.bar.add_task(label, total=total, unit=unit)
+            self.task = self.bar.add_task(label, total=total, unit=unit, eta="…")
 
     def advance(self, n: int = 1) -> None:
         self.done += n
         if self.bar is not None:
-            self.bar.update(self.task, completed=self.done)
+            self.bar.update(self.task, completed=self.done, eta=self._eta().removeprefix(", eta ") or "…")
         elif self.enabled and time.monotonic() - self._last_line > LOG_EVERY_S:
             self._last_line = time.monotonic()
             self.console.print(f"{self.label}: {self._count()}, {duration(self.elapsed)} elapsed{self._eta()}",
@@ -111,7 +110,7 @@ class Phase:
         if self.bar is not None:
             if not failed:  # a finished bar stays on screen: full, or (no total) its spinner turned into a tick
                 total = self.total if self.total is not None else 1
-                self.bar.update(self.task, total=total, completed=max(self.done, total))
+                self.bar.update(self.task, total=total, completed=max(self.done, total), eta=duration(0))
             self.bar.stop()
         elif self.enabled and not failed:
             unit = f" {self.unit}" if self.unit else ""
@@ -122,8 +121,9 @@ class Phase:
 def _columns(has_total: bool) -> list:
     if not has_total:
         return [SpinnerColumn(finished_text="✓"), TextColumn("[bold]{task.description}"), TimeElapsedColumn()]
+    # the ETA from this phase's own average: rich's estimate needs several updates within 30 s
     return [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+            TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}")]
 
 
 @contextmanager

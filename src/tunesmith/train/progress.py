@@ -12,7 +12,6 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 from ..console import duration, make_console
@@ -34,9 +33,10 @@ class TrainProgress:
             columns = [TextColumn(f"[bold]{self.label}"), BarColumn(bar_width=40 if wide else 12),
                        MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
             columns += [TimeElapsedColumn()] if wide else []
-            self.bar = Progress(*columns, TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+            # ETA from the run's own step times: rich's estimate needs several steps within 30 s
+            self.bar = Progress(*columns, TextColumn("eta {task.fields[eta]}"), console=self.console,
                                 transient=False)
-            self.task = self.bar.add_task(self.label, total=total, info="")
+            self.task = self.bar.add_task(self.label, total=total, info="", eta="…")
 
     def __enter__(self):
         if self.bar is not None:
@@ -54,7 +54,7 @@ class TrainProgress:
         if "eval_loss" in record:
             self._eval = f"  eval {record['eval_loss']:.4f}"
         if self.bar is not None:  # the last eval loss stays in view until the next one
-            self.bar.update(self.task, completed=record["step"], info=info + self._eval)
+            self.bar.update(self.task, completed=record["step"], info=info + self._eval, eta=duration(eta_s))
             return
         info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
         if "eval_loss" in record:
