@@ -77,10 +77,13 @@ class Phase:
         self.done += n
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, eta=self._eta().removeprefix(", eta ") or "…")
-        elif self.enabled and time.monotonic() - self._last_line > LOG_EVERY_S:
+        elif self.enabled and time.monotonic() - self._last_line > LOG_EVERY_S and not self._finished():
             self._last_line = time.monotonic()
             self.console.print(f"{self.label}: {self._count()}, {duration(self.elapsed)} elapsed{self._eta()}",
                                highlight=False, markup=False)
+
+    def _finished(self) -> bool:
+        return self.total is not None and self.done >= self.total  # the closing line follows
 
     def set_total(self, total: int) -> None:
         self.total = total

@@ -89,7 +89,7 @@ class Jobs:
                                  "wait for it (train_status) or stop it (train_stop) first")
         run.mkdir(parents=True, exist_ok=True)
         log = run / "train.log"
-        cmd = [sys.executable, "-m", "tunesmith", "train", str(config), "--no-progress"]
+        cmd = [sys.executable, "-m", "tunesmith", "train", str(config)]  # the log gets a line per phase
         cmd += [f"--set={o}" for o in overrides] + (["--resume", resume] if resume else [])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_package_root(), os.environ.get(
             "PYTHONPATH")) if p)}
@@ -163,6 +163,9 @@ def plan(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
     except ImportError:
         raise TunesmithError("planning is not available in this version of tunesmith (no tunesmith.plan module)",
                              "train with a small train.max_steps first to measure the speed") from None
+    if not callable(getattr(planner, "plan", None)):
+        raise TunesmithError("planning is not available in this version of tunesmith (tunesmith.plan has no plan())",
+                             "train with a small train.max_steps first to measure the speed")
     result = planner.plan(load_config(config, overrides or []))
     for convert in ("to_dict", "model_dump"):
         if hasattr(result, convert):
