@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,9 +146,13 @@ def test_stages_continue_the_step_axis_and_carry_their_name(tmp_path, monkeypatc
 
 
 def test_a_failing_tracker_is_switched_off_and_the_rest_goes_on(tmp_path, monkeypatch):
+    """...and a run that fails sends no scores or reports that an earlier run of the same name left behind."""
     bad, good = Recorder(fail_on=2), Recorder()
     trackers = recording(tmp_path, monkeypatch, bad, good)
     run = RunDir(tmp_path / "x")
+    for name, text in (("report.md", "# an earlier run's report"), ("run.json", '{"eval": {"won": true}}')):
+        (run.path / name).write_text(text)
+        os.utime(run.path / name, (time.time() - 3600, time.time() - 3600))  # left by an earlier run
     trackers.attach(run, CPU)
     for s in (1, 2, 3):
         run.log({"step": s, "loss": float(s)})

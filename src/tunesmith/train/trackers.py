@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
 
 from ..config import RunConfig, dump_config
+from ..console import make_console
 from ..errors import TunesmithError
 
 REPORT_FILES = ("config.yaml", "report.md", "report.html", "eval/report.md", "eval/report.html",
@@ -284,9 +286,9 @@ class Trackers:
 
     def __init__(self, cfg: RunConfig, console: Console | None = None):
         self.cfg, self.names = cfg, list(dict.fromkeys(cfg.train.report_to))
-        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.console = console or make_console()
         self.backends: list[Backend] = []
-        self.opened = False
+        self.opened, self.opened_at = False, 0.0
         self.totals: dict[str | None, int] = {}  # steps of each stage seen, in order
         self.last_step = 0
         self.pending: list[tuple[Path, str]] = []  # finished stages to replay when the trackers open
@@ -313,7 +315,6 @@ class Trackers:
 
     def record(self, record: dict, stage: str | None = None) -> None:
         if record.get("event") == "start":
-            self.totals.setdefault(stage, 0)
             self.totals[stage] = int(record.get("total_steps", 0))
             return
         if "step" not in record:
@@ -329,10 +330,14 @@ class Trackers:
         if not self.opened:
             return
         root = self.cfg.run_dir
-        summary = _read_json(root / "run.json").get("eval")
+
+        def fresh(path: Path) -> bool:  # written by this run, not left by an earlier run of the same name
+            return path.is_file() and path.stat().st_mtime >= self.opened_at
+
+        summary = _read_json(root / "run.json").get("eval") if fresh(root / "run.json") else None
         if summary:
             self._each("scores", eval_scores(summary), self.last_step)
-        files = [root / f for f in REPORT_FILES if (root / f).is_file()]
+        files = [root / f for f in REPORT_FILES if fresh(root / f)]
         if files:
             self._each("artifacts", files, root)
         self._each("close", ok)
@@ -341,6 +346,7 @@ class Trackers:
     def _open(self) -> None:
         config_text = dump_config(self.cfg)
         self.opened = True  # set first: when a later tracker fails to open, finish() closes the earlier ones
+        self.opened_at = time.time() - 1.0  # file times may be rounded down to the second
         for name in self.names:
             backend = BACKENDS[name](self.cfg, config_text)
             self.backends.append(backend)
