@@ -34,7 +34,7 @@ def server(cwd):
     if "TUNESMITH_CACHE" in os.environ:
         env["TUNESMITH_CACHE"] = os.environ["TUNESMITH_CACHE"]
     return Client(StdioServerParameters(command=sys.executable, args=["-m", "tunesmith", "mcp"], env=env,
-                                        cwd=str(cwd)), read_timeout_seconds=240)
+                                        cwd=str(cwd)), read_timeout_seconds=900)
 
 
 async def call(client, tool, **args):
@@ -44,7 +44,7 @@ async def call(client, tool, **args):
     return "ok", result.structured_content
 
 
-async def wait_for(client, job, states, timeout=240):
+async def wait_for(client, job, states, timeout=900):  # generous: CI machines are shared
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _, status = await call(client, "train_status", job=job)
@@ -103,13 +103,13 @@ def test_a_client_checks_trains_evaluates_and_exports(tiny_dir, tmp_path):
 
 
 def test_a_stopped_job_resumes_and_a_closing_server_stops_its_jobs(tiny_dir, tmp_path):
-    workspace(tiny_dir, tmp_path, max_steps=400)
+    workspace(tiny_dir, tmp_path, max_steps=3000)  # never reached: both jobs are stopped early
 
     async def scenario():
         async with server(tmp_path) as client:
             _, started = await call(client, "train", config="config.yaml", overrides=["eval=null"])
             job = started["job"]
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + 900
             while (await call(client, "train_status", job=job))[1]["step"] < 2:
                 assert time.monotonic() < deadline
                 await anyio.sleep(0.3)
@@ -121,9 +121,10 @@ def test_a_stopped_job_resumes_and_a_closing_server_stops_its_jobs(tiny_dir, tmp
             assert kind == "error" and job in text
 
             _, resumed = await call(client, "train", config="config.yaml", overrides=["eval=null"], resume="auto")
-            while (await call(client, "train_status", job=resumed["job"]))[1]["state"] == "running":
-                log = Path(resumed["log"]).read_text()
-                if "resumed from" in log:
+            while True:  # until the resumed job trains steps the first one did not
+                _, status = await call(client, "train_status", job=resumed["job"])
+                assert status["state"] == "running", status
+                if status["step"] > stopped["step"]:
                     break
                 await anyio.sleep(0.3)
             return stopped, resumed
@@ -133,7 +134,7 @@ def test_a_stopped_job_resumes_and_a_closing_server_stops_its_jobs(tiny_dir, tmp
     run = tmp_path / "runs" / "mcp-run"
     log = Path(resumed["log"]).read_text()
     assert "resumed from" in log and f"step {stopped['step']}" in log
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 900
     while "stopped by signal" not in Path(resumed["log"]).read_text():  # the server stopped it on shutdown
         assert time.monotonic() < deadline, Path(resumed["log"]).read_text()[-2000:]
         time.sleep(0.3)

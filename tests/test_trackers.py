@@ -198,7 +198,7 @@ def tracked_run(tiny_dir, tmp_path_factory):
     cfg = tiny_config(tiny_dir, tmp, ["tensorboard", "mlflow", "wandb", "trackio"])
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
     done = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(tmp / "config.yaml"), "--no-progress"],
-                          capture_output=True, text=True, timeout=300, env=tracker_env(tmp), cwd=tmp)
+                          capture_output=True, text=True, timeout=900, env=tracker_env(tmp), cwd=tmp)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp / "runs" / "trk"
     steps = [r for r in read_metrics(run) if "step" in r]
@@ -336,10 +336,10 @@ def test_tensorboard_after_kill_and_resume_matches_metrics_jsonl(tiny_dir, tmp_p
     driver.write_text(DRIVER.format(src=str(ROOT / "src")))
     env = tracker_env(tmp_path)
     killed = subprocess.run([sys.executable, str(driver), str(tmp_path / "config.yaml"), "4"], env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=900)
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = subprocess.run([sys.executable, str(driver), str(tmp_path / "config.yaml"), "-1", "--resume", "auto"],
-                             env=env, capture_output=True, text=True, timeout=300)
+                             env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
     run = tmp_path / "runs" / "trk"

@@ -3,7 +3,9 @@
 Tools: `data_check`, `plan`, `train` (a background job) with `train_status`, `train_stop` and `jobs`, `evaluate`
 and `export`. Training runs as its own `tunesmith train` process: the server stays responsive, a job survives a
 slow client, and stopping one is tunesmith's SIGTERM path (finish the step, save a checkpoint, exit 75), so
-`train(..., resume="auto")` continues it. Jobs still running when the server shuts down are stopped that way.
+`train(..., resume="auto")` continues it. Jobs still running when the server shuts down are asked to stop that
+way; each runs in its own session, so a client that kills the server's process group does not kill a job
+mid-step.
 Errors come back as tool errors with tunesmith's message and hint. Paths are relative to the server's working
 directory. Needs the `mcp` package (`pip install 'tunesmith[mcp]'`).
 """
@@ -94,7 +96,10 @@ class Jobs:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_package_root(), os.environ.get(
             "PYTHONPATH")) if p)}
         with open(log, "w") as fh:
-            process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            # Its own session: a client that kills the server's process group on exit does not kill the job
+            # mid-step; the server asks it to stop instead (stop_all).
+            process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                       start_new_session=True)
         job = Job(f"{cfg.name}-{len(self.jobs) + 1}", str(config), run, log, process)
         self.jobs[job.id] = job
         return job
@@ -112,15 +117,12 @@ class Jobs:
             job.process.send_signal(signal.SIGTERM)
         return job
 
-    def stop_all(self, wait_s: float = 60.0) -> None:
-        running = [j for j in self.jobs.values() if j.process.poll() is None]
-        for job in running:
-            self.stop(job.id)
-        for job in running:
-            try:
-                job.process.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                job.process.kill()
+    def stop_all(self) -> None:
+        """Ask every running job to stop: each finishes its step, saves a checkpoint and exits on its own (the
+        server does not wait: clients give a closing server a few seconds only)."""
+        for job in self.jobs.values():
+            if job.process.poll() is None:
+                self.stop(job.id)
 
 
 def _package_root() -> str:
