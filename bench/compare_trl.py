@@ -48,59 +48,44 @@ def child_tunesmith(spec: dict) -> dict:
     import torch
     from rich.console import Console
 
-    from tunesmith.config import RunConfig
-    from tunesmith.data.batching import pack_setting
-    from tunesmith.data.load import load_data
-    from tunesmith.data.render import Renderer
+    from tunesmith.config import parse_config
     from tunesmith.methods import get_method
-    from tunesmith.methods.reference import build_reference
-    from tunesmith.model.adapters import apply_adapter
     from tunesmith.model.device import make_runtime
-    from tunesmith.model.load import load_model_and_tokenizer
-    from tunesmith.train.loop import Trainer
-    from tunesmith.train.recipe import _optimizer, base_dtype, choose_attention, seed_everything
+    from tunesmith.train import recipe
+    from tunesmith.train.parallel import setup_parallel
+    from tunesmith.train.rundir import RunDir
 
     raw = {
-        "model": spec["model_dir"], "device": "cpu", "precision": "bf16", "method": spec["method"],
+        "model": spec["model_dir"], "device": "cpu", "precision": spec["precision"], "method": spec["method"],
         "output_dir": spec["workdir"], "data": {"train": spec["train_file"], "max_length": spec["max_length"]},
         "adapter": {"kind": "lora", "r": 16, "alpha": 32, "target": "all-linear"},
-        "method_args": {"reference_cache": False},
+        "method_args": {"reference_cache": False} if spec["method"] == "dpo" else {},
         "train": {"lr": spec["lr"], "max_steps": spec["steps"], "micro_batch_size": spec["batch"],
                   "schedule": "constant", "warmup_ratio": 0.0, "seed": spec["seed"]}}
     for section, values in spec.get("overrides", {}).items():  # bench/ablation.py switches techniques off
         raw[section] = {**raw.get(section, {}), **values}
-    cfg = RunConfig.model_validate(raw)
+    cfg = parse_config(raw)
+    console = Console(stderr=True)
     rt = make_runtime("cpu", cfg.precision, torch.get_num_threads())  # the threads TRL gets, not a probe
-    seed_everything(cfg.train.seed)
+    recipe.seed_everything(cfg.train.seed)
     method = get_method(cfg.method, cfg.method_args)
-    train_ds, _ = load_data(cfg.data, cfg.train.seed)
-    model, tok = load_model_and_tokenizer(cfg.model, device=rt.device, precision=rt.precision,
-                                          dtype=base_dtype(cfg, rt.precision))
-    model = apply_adapter(model, cfg.adapter)
-    choose_attention(model, rt, cfg.train.fused)  # as train_stage does
-    renderer = Renderer(tok, cfg.data.max_length)
-    items = [method.render(renderer, ex) for ex in train_ds.examples]
-    assert None not in items and len(items) == spec["steps"] * spec["batch"], "examples were dropped"
-    pad_id = tok.pad_token_id
-    pack_length = pack_setting(cfg.train.packing, cfg.train.pack_length)
+    run = RunDir(Path(spec["workdir"]) / "tunesmith-run")
+    train_ds, _ = recipe.setup_data(cfg, method, run, console)
+    model, tok = recipe.setup_model(cfg, rt, console)  # as train_stage does
+    items, _, _ = recipe.render_items(cfg, method, tok, train_ds, None, console)
+    assert len(items) == spec["steps"] * spec["batch"], "examples were dropped"
 
     started = time.perf_counter()
-    reference = None
-    if method.needs_reference:
-        reference = build_reference(model, method, items, None, cfg, rt, tok, Path(spec["workdir"]),
-                                    Console(stderr=True))
-    ref_s = time.perf_counter() - started
-    optimizer = _optimizer(model, cfg)
+    trainer, _ = recipe.setup_trainer(cfg, method, model, tok, items, None, rt, setup_parallel(), console)
+    ref_s = time.perf_counter() - started  # the reference pre-pass (DPO); nothing else here takes time
     stamps: list[float] = []
-    trainer = Trainer(model, method, items, cfg.train, rt, pad_id, optimizer, reference=reference,
-                      pack_length=pack_length, callbacks=[lambda tr, rec: stamps.append(time.perf_counter())])
+    trainer.callbacks.append(lambda tr, rec: stamps.append(time.perf_counter()))
     stamps.append(time.perf_counter())
     state = trainer.fit()
     peak = common.peak_rss_mib()  # before the fp32 check below
-    first = method.collate(items[:spec["batch"]], pad_id, pack_length)  # its layout, shared prompts included
-    seqs = [s for item in items[:spec["batch"]] for s in common.sequences(item)]
-    if hasattr(items[0], "chosen"):  # the batch holds every chosen sequence, then every rejected one
-        seqs = seqs[0::2] + seqs[1::2]
+    pad_id = tok.pad_token_id
+    first = method.collate(items[:spec["batch"]], pad_id, trainer.source.collator.pack_length)
+    seqs = method.batch_sequences(items[:spec["batch"]])  # the batch's sequences, in its seq-id order
     return {"losses": [r["loss"] for r in state.history], "ref_s": ref_s, "stamps": stamps,
             "isolation": tunesmith_isolation(model, first, seqs, pad_id), "tokens_identical": None,
             "peak_rss_mib": peak}
@@ -131,12 +116,15 @@ def trl_trainer(spec: dict, fast: bool, callbacks: list):
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                            task_type="CAUSAL_LM")
     common_args = dict(
-        output_dir=str(Path(spec["workdir"]) / "trl-out"), use_cpu=True, bf16=True, max_steps=spec["steps"],
+        output_dir=str(Path(spec["workdir"]) / "trl-out"), use_cpu=True, bf16=spec["precision"] == "bf16",
+        max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=spec["seed"], max_length=spec["max_length"])
     if fast:
-        common_args.update(gradient_checkpointing=False, model_init_kwargs={"dtype": "bfloat16"})
+        common_args.update(gradient_checkpointing=False)
+        if spec["precision"] == "bf16":
+            common_args["model_init_kwargs"] = {"dtype": "bfloat16"}
     kw = dict(model=spec["model_dir"], train_dataset=ds, processing_class=tok, peft_config=lora,
               callbacks=callbacks)
     if spec["method"] == "sft":
@@ -296,13 +284,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             common.emit(child_trl(spec, fast=args.child == "trl-fast"))
         return
+    import torch
     from transformers import AutoConfig
 
     from tunesmith.model.default import default_model_dir
+    from tunesmith.model.device import resolve_precision
 
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)  # the peak is measured with the threads the runs get
     model_dir = str(default_model_dir())
     work = Path(tempfile.mkdtemp(prefix=f"tunesmith-bench-{args.method}-"))
@@ -313,8 +301,11 @@ def main(argv: list[str] | None = None) -> None:
     shapes = mfu.Shapes.of(AutoConfig.from_pretrained(model_dir))
     stats = mfu.SeqStats(tuple(data.lengths), tuple(data.trained))
     flops = mfu.training_flops(shapes, stats, 16, reference_pass=args.method == "dpo")
-    peak = mfu.measured_peak(shapes, seconds=0.2 if args.smoke else 1.0)["peak_flops"]
-    spec = {"method": args.method, "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
+    # both tools run in the precision this CPU computes natively: bf16 with AVX512-BF16/AMX, else fp32
+    precision = resolve_precision("auto", torch.device("cpu"))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = mfu.measured_peak(shapes, dtype, seconds=0.2 if args.smoke else 1.0)["peak_flops"]
+    spec = {"method": args.method, "precision": precision, "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
             "lr": DEFAULTS[args.method]["lr"], "seed": args.seed, "threads": args.threads,
             "model_dir": model_dir, "workdir": str(work),
             "train_file": str(data.train_file), "trl_file": str(data.trl_file),
@@ -329,10 +320,10 @@ def main(argv: list[str] | None = None) -> None:
             results[v].append(common.run_child(Path(__file__), v, spec_file, work / "children.log", args.timeout))
             print(f"  round {r + 1}/{args.rounds} {v}: {time.time() - t0:.0f}s wall", flush=True)
     rows = {v: summarize(results[v], stats.tokens, flops, peak) for v in args.variants}
-    report(args, data, rows, stats, flops, peak)
+    report(args, data, rows, stats, flops, peak, precision)
 
 
-def report(args, data, rows, stats, flops, peak) -> None:
+def report(args, data, rows, stats, flops, peak, precision) -> None:
     info = common.machine()
     text = table(args.method, rows)
     print("\n" + text + "\n")
@@ -346,7 +337,8 @@ def report(args, data, rows, stats, flops, peak) -> None:
              f"{args.max_length}, {args.rounds} rounds, torch threads {args.threads or info['torch_threads']} · "
              f"{stats.tokens} real tokens per run ({sum(stats.trained)} trained; TRL's copies {data.trl_tokens}; "
              f"tunesmith computes {data.computed}{shared}) · "
-             f"{flops / stats.tokens / 1e6:.0f} MFLOP/token · bf16 matmul peak {peak / 1e9:.0f} GFLOP/s")
+             f"{flops / stats.tokens / 1e6:.0f} MFLOP/token · {precision} (both tools) · {precision} matmul peak "
+             f"{peak / 1e9:.0f} GFLOP/s")
     print(notes)
     if args.smoke or args.no_write:
         print("(nothing written)")

@@ -76,3 +76,63 @@ def test_every_config_key_is_documented():
     for section in (RunConfig, DataConfig, AdapterConfig, MethodConfig, TrainConfig, EvalConfig):
         for key in section.model_fields:
             assert f"`{key}`" in doc, f"{section.__name__}.{key} is not in docs/config.md"
+
+
+def test_every_stage_is_validated_with_the_same_sections():
+    """A stage's train and method_args go through TrainConfig and MethodConfig, with their YAML paths."""
+    with pytest.raises(ConfigError) as e:
+        parse_config({"stages": [
+            {"method": "sft", "data": "a", "train": {"lr": -1}},
+            {"method": "dpo", "data": "b", "beta": -5,
+             "method_args": {"label_smoothing": 0.9, "share_prompt": "maybe"}}]})
+    where = {p.where for p in e.value.problems}
+    assert where == {"stages[0].train.lr", "stages[1].beta",
+                     "stages[1].method_args.label_smoothing", "stages[1].method_args.share_prompt"}
+    with pytest.raises(ConfigError) as e:  # the same problems when the rest of the config is valid
+        parse_config({"stages": [{"method": "sft", "data": "a", "train": {"lr": -1}},
+                                 {"method": "dpo", "data": "b", "method_args": {"label_smoothing": 0.9}}]})
+    assert {p.where for p in e.value.problems} == {"stages[0].train.lr", "stages[1].method_args.label_smoothing"}
+
+
+@pytest.mark.parametrize("method,args,key", [("sft", {"beta": 0.2}, "beta"), ("dpo", {"simpo_gamma": 1.0}, "simpo_gamma"),
+                                              ("kto", {"share_prompt": False}, "share_prompt"),
+                                              ("orpo", {"sft_weight": 0.5}, "sft_weight")])
+def test_settings_the_method_ignores_are_errors(method, args, key):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"method": method, "data": {"train": "x"}, "method_args": args})
+    assert [p.where for p in e.value.problems] == [f"method_args.{key}"]
+    assert f"does not apply to {method}" in e.value.problems[0].what
+
+
+def test_stage_settings_must_fit_their_stage_and_top_level_ones_some_stage():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"method_args": {"orpo_lambda": 0.3},
+                      "stages": [{"method": "sft", "data": "a", "method_args": {"beta": 0.1}},
+                                 {"method": "dpo", "data": "b", "beta": 0.2}]})
+    assert {p.where for p in e.value.problems} == {"stages[0].method_args.beta", "method_args.orpo_lambda"}
+    ok = parse_config({"method_args": {"beta": 0.3},
+                       "stages": [{"method": "sft", "data": "a"}, {"method": "dpo", "data": "b"}]})
+    from tunesmith.config import stage_config
+
+    assert stage_config(ok, 1).method_args.beta == 0.3 and stage_config(ok, 0).method == "sft"
+
+
+def test_a_config_written_back_with_every_default_reloads(tmp_path):
+    """run folders keep config.yaml with every default; reloading it must not trip the ignored-key check."""
+    from tunesmith.config import dump_config, load_config
+
+    cfg = parse_config({"method": "sft", "data": {"train": "x"}})
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "config.yaml").method == "sft"
+
+
+def test_the_config_package_has_no_import_cycle():
+    """schema <- problems <- checks <- load: each module imports only those before it."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "src" / "tunesmith" / "config"
+    order = ["schema", "problems", "checks", "load"]
+    for i, name in enumerate(order):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert imported <= set(order[:i]), (name, imported)

@@ -17,6 +17,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.methods.losses import (
     KTOOut,
     PreferenceOut,
+    chosen_nll,
     dpo_loss,
     ipo_loss,
     kto_loss,
@@ -195,7 +196,8 @@ def sequences(sums: torch.Tensor, counts: torch.Tensor, width: int):
     return torch.zeros_like(mask), mask, per_token
 
 
-def trl_dpo(loss_type: str, beta: float, smoothing: float, pc, pr, rc, rr, nc, nr):
+def trl_dpo(loss_type: str | list[str], beta: float, smoothing: float, pc, pr, rc, rr, nc, nr,
+            weights: list[float] | None = None):
     """TRL's DPOTrainer._compute_loss on a fake trainer/model with precomputed reference log-probs.
     Returns (batch-mean loss, mean chosen reward, mean rejected reward)."""
     from trl.trainer.dpo_trainer import DPOTrainer
@@ -210,8 +212,8 @@ def trl_dpo(loss_type: str, beta: float, smoothing: float, pc, pr, rc, rr, nc, n
         ld_alpha=None,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
+        loss_types=[loss_type] if isinstance(loss_type, str) else loss_type,
+        loss_weights=weights or [1.0],
         beta=beta,
         label_smoothing=smoothing,
         use_weighting=False,
@@ -458,3 +460,33 @@ def test_dpo_decreases_as_chosen_log_ratio_increases(values, step, beta):
     steps = pc + step * torch.arange(5, dtype=torch.float64)  # raises the chosen log-ratio
     losses = dpo_loss(steps, pr.expand(5), rc.expand(5), rr.expand(5), beta=beta).losses
     assert (losses[1:] < losses[:-1]).all()
+
+
+# ---------------------------------------------------------------- chosen NLL (RPO) and DPO-Positive
+
+
+def test_sft_weight_matches_trl_rpo_when_chosen_answers_are_equally_long():
+    """TRL 1.16 writes RPO as loss_type [sigmoid, sft] with weights [1, alpha]; its sft term averages over all
+    chosen tokens of the batch, tunesmith's over each pair's tokens and then the pairs — the same number when
+    every chosen answer has the same length (and a batch-independent one when they differ)."""
+    (pc, pr, rc, rr), (_, nr) = random_batch(6, seed=7)
+    nc = torch.full((6,), 5)
+    alpha = 0.7
+    ours = dpo_loss(pc, pr, rc, rr, beta=0.2).losses + alpha * chosen_nll(pc, nc)
+    trl = trl_dpo(["sigmoid", "sft"], 0.2, 0.0, pc, pr, rc, rr, nc, nr, weights=[1.0, alpha])[0]
+    close(ours.mean(), trl.item(), 1e-5)
+
+
+def test_chosen_nll_by_hand():
+    close(chosen_nll(torch.tensor([-6.0, -1.0]), torch.tensor([3.0, 4.0])), torch.tensor([2.0, 0.25]))
+
+
+def test_dpo_positive_by_hand():
+    """beta 1: pair 0's chosen log-prob fell 2 nats below the reference, so lambda 0.5 takes 1 nat off its
+    margin; pair 1's chosen rose, so nothing changes."""
+    pc, pr = torch.tensor([-5.0, -1.0]), torch.tensor([-9.0, -4.0])
+    rc, rr = torch.tensor([-3.0, -2.0]), torch.tensor([-4.0, -2.0])
+    # margins: pair 0 (-2) - (-5) = 3, pair 1 (+1) - (-2) = 3
+    out = dpo_loss(pc, pr, rc, rr, beta=1.0, dpop_lambda=0.5)
+    close(out.losses, -torch.nn.functional.logsigmoid(torch.tensor([2.0, 3.0])))
+    close(dpo_loss(pc, pr, rc, rr, beta=1.0).losses, -torch.nn.functional.logsigmoid(torch.tensor([3.0, 3.0])))

@@ -12,12 +12,13 @@ import tunesmith
 from pref_utils import kto_rows, pair_rows, quiet, run_config, steps, write_jsonl
 from tunesmith.config import MethodConfig, TrainConfig, parse_config
 from tunesmith.data.batching import Batch
+from tunesmith.data.plan import BatchPlan
 from tunesmith.data.render import IGNORE, Tokenized, TokenizedPair, TokenizedUnpaired
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods import get_method
 from tunesmith.methods.logps import SeqLogps
 from tunesmith.methods.preference import drop_lone_example, mismatched_sequence
-from tunesmith.methods.reference import planned_micro_batches
+from tunesmith.train.source import Collator, PlannedSource, planned_items
 
 HH = Path(__file__).resolve().parents[1] / "examples" / "hh-rlhf" / "harmless-test.jsonl.gz"
 
@@ -104,20 +105,17 @@ def test_kto_lone_example_is_left_out():
         drop_lone_example([0], 4)
 
 
-def test_kto_batch_plan_matches_the_training_loop():
-    """The reference scores KTO's mismatched pairs from a replica of the loop's batch plan; they must agree."""
-    from tunesmith.model.device import make_runtime
-    from tunesmith.train.loop import Trainer
-
+def test_the_reference_pass_sees_exactly_the_micro_batches_the_loop_runs():
+    """KTO's mismatched pairs depend on which examples share a micro-batch: the precomputed reference scores
+    the micro-batches of the one batch plan the loop's source also reads, over every step of the run."""
     method = get_method("kto")
     items = [TokenizedUnpaired(_seq([1] + [7] * (3 + i % 5) + [2], 2), True) for i in range(11)]
     cfg = TrainConfig(micro_batch_size=4, grad_accum=3, epochs=2.5, seed=3)
-    model = torch.nn.Linear(1, 1)
-    trainer = Trainer(model, method, items, cfg, make_runtime("cpu", "fp32"), 2, torch.optim.SGD(model.parameters(), lr=0.1))
-    planned = planned_micro_batches(items, method, cfg)
-    needed = trainer.total_steps * cfg.grad_accum
-    assert len(planned) >= needed
-    assert [trainer.micro_batch(k) for k in range(needed)] == planned[:needed]
+    plan = BatchPlan.from_config([method.length(x) for x in items], cfg)
+    source = PlannedSource(plan, items, Collator(method, 2, None, torch.device("cpu")))
+    ran = [mb.items for s in range(source.total_steps) for mb in source.step(s)]
+    assert ran == planned_items(plan, items, None, cfg.micro_batch_size)["train"]
+    assert source.total_steps == 3 and len(ran) == 9  # an epoch is 3 micro-batches = one step; 2.5 epochs
 
 
 def test_config_checks_for_preference_methods():
@@ -194,7 +192,7 @@ def test_kto_drops_a_lone_example_and_runs_every_batch(tiny_dir, tmp_path):
     cfg["train"]["eval_every"] = 5
     console, buf = quiet()
     run = tunesmith.train(cfg, progress=False, console=console)
-    assert "left out 2 example(s)" in buf.getvalue()  # one from train, one from eval
+    assert "left out 1 train example(s)" in buf.getvalue() and "left out 1 eval example(s)" in buf.getvalue()
     assert math.isfinite(steps(run)[-1]["eval_loss"]) and "eval_kl" in steps(run)[-1]
 
 
@@ -214,10 +212,11 @@ def _setup(tiny_dir, tmp_path, method_name, data_file, **train):
     model = apply_adapter(model, cfg.adapter)
     method = get_method(method_name, cfg.method_args)
     items = [method.render(Renderer(tok, 64), ex) for ex in load_data(cfg.data, 0)[0].examples]
-    if method_name == "kto":
-        items = drop_lone_example(items, cfg.train.micro_batch_size)[0]  # as the recipe does
-    reference = build_reference(model, method, items, None, cfg, rt, tok, tmp_path, quiet()[0])
-    return cfg, rt, model, method, items, reference
+    items = method.prepare(items, cfg.train.micro_batch_size, "train")[0]  # as the recipe does
+    plan = BatchPlan.from_config([method.length(x) for x in items], cfg.train)
+    reference = build_reference(model, method, planned_items(plan, items, None, cfg.train.micro_batch_size), cfg,
+                                rt, tok, 64, quiet()[0])
+    return cfg, rt, model, method, items, plan, reference
 
 
 def test_kto_reference_equals_the_policy_before_training_for_every_planned_batch(tiny_dir, tmp_path):
@@ -226,16 +225,16 @@ def test_kto_reference_equals_the_policy_before_training_for_every_planned_batch
     from tunesmith.methods.logps import sequence_logps
 
     data = write_jsonl(tmp_path / "kto.jsonl", kto_rows())
-    cfg, rt, model, method, items, reference = _setup(tiny_dir, tmp_path, "kto", data, micro_batch_size=3,
-                                                      max_steps=4, grad_accum=2)
+    cfg, rt, model, method, items, plan, reference = _setup(tiny_dir, tmp_path, "kto", data, micro_batch_size=3,
+                                                            max_steps=4, grad_accum=2)
     model.train()
-    plan = planned_micro_batches(items, method, cfg.train)
-    assert len(plan) > 6  # more than one epoch: different pairings per epoch
-    for indices in plan:
+    groups = list(plan.micro_batches())
+    assert len(groups) > 6  # more than one epoch: different pairings per epoch
+    for indices in groups:
         batch = method.collate([items[i] for i in indices], 2, 64)
         with torch.no_grad():
             policy = sequence_logps(model, batch)
-        ref = reference(indices, batch)
+        ref = reference("train", [items[i] for i in indices], batch)
         assert ref.logp_sum.shape == (2 * len(indices),)
         torch.testing.assert_close(ref.logp_sum, policy.logp_sum, atol=1e-4, rtol=0)
         torch.testing.assert_close(ref.n_tokens, policy.n_tokens)
@@ -247,12 +246,13 @@ def test_adapter_training_leaves_base_bit_identical_and_changes_every_adapter_te
     from tunesmith.model.adapters import optimizer_param_groups
     from tunesmith.train.loop import Trainer
 
-    cfg, rt, model, method, items, reference = _setup(tiny_dir, tmp_path, "dpo", pairs)
+    cfg, rt, model, method, items, plan, reference = _setup(tiny_dir, tmp_path, "dpo", pairs)
     base_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" not in k}
     lora_before = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
     groups = optimizer_param_groups(model, cfg.adapter, 3e-3, 0.0)
-    trainer = Trainer(model, method, items, cfg.train.model_copy(update={"max_steps": 4}), rt, 2,
-                      torch.optim.AdamW(groups, lr=3e-3), reference=reference, pack_length=64)
+    train = cfg.train.model_copy(update={"max_steps": 4})
+    source = PlannedSource(BatchPlan.from_config(plan.lengths, train), items, Collator(method, 2, 64, rt.device))
+    trainer = Trainer(model, method, source, train, rt, torch.optim.AdamW(groups, lr=3e-3), reference=reference)
     trainer.fit()
     fresh = dict(AutoModelForCausalLM.from_pretrained(tiny_dir).named_parameters())
     for name, before in base_before.items():
@@ -287,3 +287,35 @@ def test_dpo_on_real_hh_rlhf_pairs_with_the_default_model(tmp_path, monkeypatch)
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=2e-2)  # bf16 (where native): equal up to rounding
     assert records[-1]["eval_rewards/margins"] > 0.05, records[-1]
     assert records[-1]["eval_rewards/accuracies"] > 0.5, records[-1]
+
+
+def test_likelihood_displacement_is_reported_and_sft_weight_counters_it(tiny_dir, tmp_path):
+    """SFT on the chosen answers, then DPO on pairs whose answers differ in one word: plain DPO grows the
+    margin by pushing the chosen answers down too (likelihood displacement) and says so (console, run.json);
+    the chosen-NLL term (method_args.sft_weight) keeps them likely."""
+    from pref_utils import WORDS
+    from tunesmith.methods.preference import likelihood_displacement
+
+    assert likelihood_displacement([{"logps/chosen": v} for v in (-0.5, -0.6, -2.0, -3.0)], "dpo")
+    assert not likelihood_displacement([{"logps/chosen": v} for v in (-3.0, -2.0, -1.0, -0.5)], "dpo")
+    rows = [{"prompt": f"say {w}", "chosen": f"{w} ok", "rejected": f"{w} no"} for w in WORDS]
+    pairs = write_jsonl(tmp_path / "near.jsonl", rows)
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]},
+                                                             {"role": "assistant", "content": r["chosen"]}]}
+                                               for r in rows])
+    out = {}
+    for weight in (0.0, 1.0):
+        dpo = {"method": "dpo", "data": str(pairs), "train": {"max_steps": 12},
+               "method_args": {"sft_weight": weight} if weight else {}}
+        cfg = {"name": f"w{weight}", "output_dir": str(tmp_path / "runs"), "model": str(tiny_dir), "device": "cpu",
+               "precision": "fp32", "data": {"max_length": 64},
+               "train": {"micro_batch_size": 8, "lr": 1e-2, "warmup_ratio": 0.0, "schedule": "constant"},
+               "stages": [{"method": "sft", "data": str(sft), "train": {"max_steps": 30}}, dpo]}
+        console, buf = quiet()
+        stage = tunesmith.train(cfg, progress=False, console=console).stages[1]
+        out[weight] = steps(stage), stage.info["warnings"], buf.getvalue()
+    (plain, warned, console), (weighted, kept, _) = out[0.0], out[1.0]
+    assert warned and "likelihood displacement" in warned[0] and warned[0] in console
+    assert "nll/chosen" in weighted[-1] and "nll/chosen" not in plain[-1]
+    assert weighted[-1]["logps/chosen"] > plain[-1]["logps/chosen"] + 5
+    assert kept == likelihood_displacement(weighted, "dpo")

@@ -34,8 +34,8 @@ def test_rerun_hits_the_cache_with_identical_losses(tiny_dir, tmp_path):
     files = sorted(p.name for p in cache_dir().iterdir())
     assert files == [f"{ref1['key']}.json", f"{ref1['key']}.safetensors"]
     sidecar = json.loads((cache_dir() / f"{ref1['key']}.json").read_text())
-    assert sidecar["key"] == ref1["key"] and sidecar["items"] == {"train": 8}
-    assert set(sidecar["parts"]) >= {"model", "adapter", "data", "tokenisation", "precision", "method_kind"}
+    assert sidecar["key"] == ref1["key"] and sidecar["sequences"] == {"train": 16}  # 8 pairs
+    assert set(sidecar["parts"]) >= {"model", "adapter", "quantization", "template", "precision", "sequences"}
 
     cfg["name"] = "again"
     run2, ref2, out2 = _train(cfg)
@@ -56,8 +56,13 @@ def test_changed_data_or_max_length_misses(tiny_dir, tmp_path):
     changed = _train({**cfg, "name": "data", "data": {**cfg["data"], "train": str(other)}})[1]
     assert changed["cache_hit"] is False and changed["key"] != key
 
+    prompted = _train({**cfg, "name": "sys", "data": {**cfg["data"], "system_prompt": "Answer briefly."}})[1]
+    assert prompted["cache_hit"] is False and prompted["key"] not in (key, changed["key"])
+    # the key is the scored sequences' content: a max_length that cuts none of them changes nothing
     longer = _train({**cfg, "name": "len", "data": {**cfg["data"], "max_length": 48}})[1]
-    assert longer["cache_hit"] is False and longer["key"] not in (key, changed["key"])
+    assert longer["cache_hit"] is True and longer["key"] == key
+    cut = _train({**cfg, "name": "cut", "data": {**cfg["data"], "max_length": 24, "truncation": "left"}})[1]
+    assert cut["cache_hit"] is False and cut["key"] != key
 
     bf16 = _train({**cfg, "name": "bf16", "precision": "bf16"})[1]
     assert bf16["cache_hit"] is False and bf16["key"] != key
@@ -90,15 +95,14 @@ def test_cached_values_are_the_base_models_log_probs(tiny_dir, tmp_path):
                      train={"max_steps": 2, "eval_every": 2})
     run, ref, _ = _train(cfg)
     tables = load_file(ref["path"])
-    assert tables["train.logp"].shape == (8, 2) and tables["eval.logp"].shape == (4, 2)
+    assert tables["train.logp"].shape == (16,) and tables["eval.logp"].shape == (8,)  # distinct sequences
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     for name, rows in (("train", pair_rows()), ("eval", pair_rows(4, shift=1))):
-        for i, row in enumerate(rows):
-            for col, side in enumerate(("chosen", "rejected")):
-                expected = _completion_logp(model, tok, row["prompt"], row[side])
-                assert tables[f"{name}.logp"][i, col].item() == pytest.approx(expected, abs=1e-4)
+        expected = sorted(_completion_logp(model, tok, row["prompt"], row[side])
+                          for row in rows for side in ("chosen", "rejected"))
+        assert sorted(tables[f"{name}.logp"].tolist()) == pytest.approx(expected, abs=1e-4)
     assert torch.isfinite(torch.tensor(steps(run)[-1]["eval_loss"]))
 
 

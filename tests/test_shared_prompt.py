@@ -15,7 +15,7 @@ from tunesmith.data.batching import collate, shared_prefix
 from tunesmith.data.render import IGNORE, Tokenized, TokenizedPair
 from tunesmith.methods import get_method
 from tunesmith.methods.logps import sequence_logps
-from tunesmith.methods.reference import score_sequences
+from tunesmith.methods.reference import score_batches
 from tunesmith.model.device import make_runtime
 
 
@@ -129,14 +129,17 @@ def test_both_attention_implementations_read_the_branch_mask(tiny_dir, impl):
 
 def test_reference_pass_with_pairs_equals_sequences_alone(model):
     pairs = random_pairs(5, seed=5)
-    seqs = [s for p in pairs for s in (p.chosen, p.rejected)]
+    groups = [pairs[:2], pairs[2:]]
     rt = make_runtime("cpu", "fp32")
-    with torch.no_grad():
-        alone, n_alone = score_sequences(model, seqs, PAD, 64, 4, rt, 1024)
-        shared, n_shared = score_sequences(model, seqs, PAD, 64, 4, rt, 1024,
-                                           pairs=[(2 * k, 2 * k + 1) for k in range(5)])
+    scored = {}
+    for share in (True, False):
+        scored[share] = {}
+        method = get_method("dpo", MethodConfig(share_prompt=share))
+        score_batches(model, method, groups, PAD, 64, rt, 1024, scored[share])
+    assert set(scored[True]) == set(scored[False]) and len(scored[True]) == 10
+    keys = sorted(scored[True])
+    shared, alone = (torch.tensor([scored[s][k] for k in keys]) for s in (True, False))
     torch.testing.assert_close(shared, alone, atol=1e-4, rtol=1e-5)
-    assert torch.equal(n_shared, n_alone)
 
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])

@@ -7,11 +7,11 @@ import torch
 
 import tunesmith
 from pref_utils import pair_rows, quiet, steps, write_jsonl
+from tunesmith.data.batching import collate
 from tunesmith.data.load import load_data
 from tunesmith.data.render import Renderer
 from tunesmith.methods import get_method
-from tunesmith.methods.reference import score_sequences
-from tunesmith.model.device import make_runtime
+from tunesmith.methods.logps import sequence_logps
 
 
 @pytest.fixture(autouse=True)
@@ -25,13 +25,16 @@ def _sft_rows() -> list[dict]:
 
 
 def _reference_from(model, tok, pairs_file) -> torch.Tensor:
-    """Summed log-probs [8, 2] (chosen, rejected) of the pairs under `model`, scored here, not by the run."""
+    """Summed log-probs of the pairs' chosen and rejected sequences under `model`, scored here, not by the
+    run, in the cache's canonical order (sequences sorted by token ids and labels)."""
     method = get_method("dpo")
     renderer = Renderer(tok, 64)
     items = [method.render(renderer, ex) for ex in load_data(_data_cfg(pairs_file), 0)[0].examples]
-    seqs = [s for item in items for s in method.sequences(item)]
-    logp, _ = score_sequences(model.eval(), seqs, 2, None, 4, make_runtime("cpu", "fp32"), 1024)
-    return logp.view(len(items), 2)
+    seqs = [s for item in items for s in (item.chosen, item.rejected)]
+    with torch.no_grad():
+        logp = sequence_logps(model.eval(), collate(seqs, 2)).logp_sum  # one sequence per row, no sharing
+    by_key = {(s.input_ids, s.labels): v for s, v in zip(seqs, logp.tolist(), strict=True)}
+    return torch.tensor([by_key[k] for k in sorted(by_key)])
 
 
 def _data_cfg(path):

@@ -54,6 +54,40 @@ def _weights_after(tiny_dir, tmp_path, name, **train):
     return load_file(run.adapter / "adapter_model.safetensors")
 
 
+def _gradients_of_first_step(tiny_dir, tmp_path, monkeypatch, name, adapter, **train):
+    """The gradients the optimizer receives at the first step, by parameter name."""
+    captured = {}
+    real = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        if not captured:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        captured[id(p)] = p.grad.detach().clone()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = config(tiny_dir, tmp_path, name=name, n=4, max_steps=1, lr=1e-3, max_grad_norm=None, adapter=adapter,
+                 **train)
+    tunesmith.train(cfg, progress=False)
+    return list(captured.values())  # in the optimizer's parameter order, the same in every run
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_grad_accumulation_gives_the_big_batch_gradients(tiny_dir, tmp_path, monkeypatch, adapter):
+    """The gradients themselves, before the optimizer (AdamW normalises away a wrong overall scale, so equal
+    weights after one step prove little): micro-batch 1 x accum 4 == micro-batch 4 x accum 1."""
+    big = _gradients_of_first_step(tiny_dir, tmp_path, monkeypatch, "gbig", adapter, micro_batch_size=4,
+                                   grad_accum=1)
+    small = _gradients_of_first_step(tiny_dir, tmp_path, monkeypatch, "gsmall", adapter, micro_batch_size=1,
+                                     grad_accum=4)
+    assert len(big) == len(small) and len(big) > 0
+    for a, b in zip(small, big, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    assert sum(float(g.abs().sum()) for g in big) > 0
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_grad_accumulation_matches_one_big_batch(tiny_dir, tmp_path, packing):
     """micro-batch 1 x accum 4 == micro-batch 4 x accum 1 on rows of different lengths: the loss is

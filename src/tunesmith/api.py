@@ -12,6 +12,7 @@ from .config import RunConfig, load_config, parse_config
 from .console import make_console, quiet
 from .eval.run import EvalResult
 from .eval.run import evaluate as _evaluate
+from .plan import Plan
 from .train.recipe import Run
 
 
@@ -25,24 +26,43 @@ def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | Non
     return load_config(config, overrides)
 
 
+def plan(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, device: str | None = None,
+         nproc: int = 1, parallel: str = "auto", prices: str | Path | None = None, calibrate: bool = False,
+         console: Console | None = None) -> Plan:
+    """Memory per device, time and cost of a run before it starts (`tunesmith plan`), with a verdict for
+    `device` (None: the config's device; or a device of the price table, e.g. "h100-80gb") and the changes
+    that make it fit. `calibrate=True` measures throughput with a few real steps on this machine."""
+    from .plan import plan_run
+
+    return plan_run(_as_config(config, overrides), device=device, nproc=nproc, parallel=parallel, prices=prices,
+                    calibrate=calibrate, console=console)
+
+
 def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
           console: Console | None = None, progress: bool = True, evaluate: bool = True,
-          resume: str | None = None, verbose: bool | None = None) -> Run:
+          resume: str | None = None, force: bool = False, verbose: bool | None = None) -> Run:
     """Train as the config says (a RunConfig, a dict, or a YAML path) and return the run. When the config has
     an `eval:` section, the comparison eval runs at the end. `resume="auto"` continues from the newest complete
     checkpoint of the run (or starts fresh when there is none); a checkpoint folder resumes from that one.
-    `verbose=True` (or TUNESMITH_VERBOSE=1) also shows the libraries' own progress bars, logs and warnings."""
+    `verbose=True` (or TUNESMITH_VERBOSE=1) also shows the libraries' own progress bars, logs and warnings.
+
+    Before loading the model the run is planned (`plan`) for the device it is about to use; a run the plan
+    says cannot fit is refused unless `force=True` or `train.ignore_plan: true`."""
     from .train.recipe import train as run_training
     from .train.trackers import Trackers
 
     cfg = _as_config(config, overrides)
     console = console or make_console()
-    with quiet(verbose), Trackers(cfg, console) as trackers:  # trackers finish after the eval
-        run = run_training(cfg, console=console, progress=progress, resume=resume, trackers=trackers)
-        if evaluate and cfg.eval is not None:
-            from .eval.run import evaluate_run
+    with quiet(verbose):
+        planned = _plan_before_training(cfg, console, force)
+        with Trackers(cfg, console) as trackers:  # trackers finish after the eval
+            run = run_training(cfg, console=console, progress=progress, resume=resume, trackers=trackers)
+            if planned is not None:
+                _record_plan(run, planned)
+            if evaluate and cfg.eval is not None:
+                from .eval.run import evaluate_run
 
-            run.info["eval"] = evaluate_run(run, console=console)
+                run.info["eval"] = evaluate_run(run, console=console)
     return run
 
 
@@ -50,6 +70,61 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
 def evaluate(*args: Any, verbose: bool | None = None, **kwargs: Any) -> EvalResult:
     with quiet(verbose):
         return _evaluate(*args, **kwargs)
+
+
+def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool) -> Plan | None:
+    """Plan the run on the device it will use, print the verdict, refuse what cannot fit."""
+    import os
+
+    from .errors import TunesmithError
+    from .model.device import pick_device
+    from .plan import check_fits, plan_run
+    from .plan.report import format_plan
+
+    console = console or Console(stderr=True)
+    if pick_device(cfg.device).type == "mps":
+        console.print("[yellow]plan: no plans for Apple MPS devices yet; training without one")
+        return None
+    world, main = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)) == 0
+    try:
+        planned = plan_run(cfg, nproc=world, parallel=getattr(cfg.train, "parallel", "auto"))
+    except TunesmithError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a plan that cannot be made must not stop a run the user started
+        console.print(f"[yellow]plan: could not plan this run ({type(e).__name__}: {e}); training anyway")
+        return None
+    if main:
+        console.print(format_plan(planned), highlight=False, markup=False)
+    if not (force or cfg.train.ignore_plan):
+        check_fits(planned)
+    elif not planned.fits and main:
+        console.print("[yellow]plan: the run is not expected to fit; going ahead as asked (--force)")
+    return planned
+
+
+def _record_plan(run: Run, planned: Plan) -> None:
+    """Add the plan, and what the run measured to compare with it, to run.json."""
+    import json
+    import os
+    import resource
+
+    import torch
+
+    from .train.rundir import write_json
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    measured = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        measured["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        measured["peak_cuda_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    record = {**planned.as_dict(), "measured": measured}
+    run.info["plan"] = record
+    path = run.path / "run.json"
+    if path.exists():
+        info = json.loads(path.read_text())
+        info["plan"] = record
+        write_json(path, info)
 
 
 class ChatModel:
@@ -117,5 +192,5 @@ def serve_mcp() -> None:
     serve()
 
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "evaluate", "load_config", "open_adapters", "open_model",
-           "parse_config", "serve_mcp", "train"]
+__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "evaluate", "load_config", "open_adapters",
+           "open_model", "parse_config", "plan", "serve_mcp", "train"]

@@ -3,7 +3,16 @@ without a traceback."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+
+def suggest(key: str, options: Iterable[str]) -> str:
+    """A hint for an unknown key: the closest valid one, or the list of valid ones."""
+    options = list(options)
+    close = difflib.get_close_matches(key, options, n=1)
+    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(options))}"
 
 
 class TunesmithError(Exception):

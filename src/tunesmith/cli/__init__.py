@@ -9,7 +9,7 @@ import sys
 from ..console import make_console, quiet
 from ..errors import TunesmithError
 
-COMMAND_MODULES = ("train", "infer", "data", "evaluate", "deploy", "mcp")
+COMMAND_MODULES = ("train", "plan", "infer", "data", "evaluate", "deploy", "mcp")
 
 
 def build_parser() -> argparse.ArgumentParser:

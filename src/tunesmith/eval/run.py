@@ -321,9 +321,9 @@ def run_datasets(cfg, needs_train: bool) -> tuple[list[Example], list[Example] |
 
     data = cfg.data
     if data.train is None and cfg.stages:
-        from ..train.recipe import stage_configs
+        from ..config import stage_config
 
-        data = stage_configs(cfg)[0].data.model_copy(update={"eval": cfg.data.eval,
+        data = stage_config(cfg, 0).data.model_copy(update={"eval": cfg.data.eval,
                                                              "eval_split": cfg.data.eval_split})
     if cfg.eval.data is not None:
         held_out = load_examples(cfg.eval.data, "auto", data.columns or None, data.skip_invalid).examples

@@ -1,19 +1,30 @@
-"""Training methods. Each is a small object implementing `methods.base.Method`."""
+"""Training methods. Each is a small object implementing `methods.base.Method`; `METHODS` is the registry
+(one entry per `method:` name) that the recipe and the contract test (tests/test_method_contract.py) use."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..config import MethodConfig
-from .base import Method
+from ..errors import TunesmithError
+from .base import Method, MethodBase, Split
+from .preference import DPO, IPO, KTO, ORPO, SimPO
 from .sft import SFT
+
+METHODS: dict[str, Callable[[MethodConfig], Method]] = {
+    "sft": lambda args: SFT(),
+    "dpo": DPO,
+    "ipo": IPO,
+    "orpo": ORPO,
+    "simpo": SimPO,
+    "kto": KTO,
+}
 
 
 def get_method(name: str, args: MethodConfig | None = None) -> Method:
-    args = args or MethodConfig()
-    if name == "sft":
-        return SFT()
-    from . import preference
-
-    return preference.build(name, args)
+    if name not in METHODS:
+        raise TunesmithError(f"unknown training method '{name}'", f"choose one of: {', '.join(METHODS)}")
+    return METHODS[name](args or MethodConfig())
 
 
-__all__ = ["Method", "SFT", "get_method"]
+__all__ = ["METHODS", "Method", "MethodBase", "SFT", "Split", "get_method"]

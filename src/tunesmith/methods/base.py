@@ -1,20 +1,33 @@
-"""The one interface every training method implements. The loop asks a method to turn rendered examples
-into a batch, gets policy (and reference) log-probs from `logps.sequence_logps`, and asks the method for the
-loss; everything else — accumulation, clipping, scheduling, logging — is the same for every method."""
+"""The one interface every training method implements, and the defaults most methods share.
+
+The loop and the reference pass use a method only through the members declared in `Method`; nothing outside
+`methods/` asks a method for anything else or branches on its name. Per micro-batch:
+
+    items   = [method.render(renderer, ex) ...]           rendered once, before training
+    batch   = method.collate(items, pad_id, pack_length)  sequence i of the batch is batch_sequences(items)[i]
+    policy  = method.policy_logps(model, batch, chunk)
+    ref     = reference("train" | "eval", items, batch)   only when method.needs_reference
+    loss, metrics = method.loss(policy, ref, batch)       summed over method.units(batch)
+
+The loop divides every micro-batch's loss by the units of the whole accumulated (global) batch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
 from ..data.batching import Batch
-from ..data.render import Renderer
+from ..data.render import Renderer, Tokenized
 from ..data.types import Example, ExampleKind
-from .logps import SeqLogps
+from .logps import SeqLogps, sequence_logps
+
+Split = Literal["train", "eval"]
 
 
+@runtime_checkable
 class Method(Protocol):
     name: str
     example_kind: ExampleKind
@@ -26,13 +39,42 @@ class Method(Protocol):
     def length(self, item: Any) -> int:
         """Tokens an item puts into a batch (for length grouping and throughput)."""
 
+    def prepare(self, items: list[Any], micro_batch_size: int, split: Split) -> tuple[list[Any], str | None]:
+        """The rendered items the run will use, and a note for the console when some were left out."""
+
+    def batch_sequences(self, items: Sequence[Any]) -> list[Tokenized]:
+        """Every sequence `collate(items)` puts into its batch, in seq-id order. The reference pass scores
+        exactly these, so a method whose sequences depend on the micro-batch (KTO) needs no special case."""
+
     def collate(self, items: Sequence[Any], pad_id: int, pack_length: int | None) -> Batch:
         """Build one micro-batch from rendered items."""
 
     def units(self, batch: Batch) -> int:
-        """What the loss is averaged over (target tokens for SFT, pairs for preference methods). The loop
-        sums this over a whole accumulated batch so accumulation never changes the maths."""
+        """What the loss is averaged over (target tokens for SFT, pairs for preference methods)."""
+
+    def policy_logps(self, model: torch.nn.Module, batch: Batch, chunk: int) -> SeqLogps:
+        """The policy's log-probs the loss needs."""
 
     def loss(self, policy: SeqLogps, reference: SeqLogps | None, batch: Batch
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Summed loss over the batch's units, and per-batch metric sums (divided by units when logged)."""
+
+    def diagnose(self, history: Sequence[dict]) -> list[str]:
+        """Warnings about a finished stage, read from its logged metrics (e.g. likelihood displacement)."""
+
+
+class MethodBase:
+    """Defaults: every rendered item is kept, policy log-probs are per-sequence sums."""
+
+    name = "base"
+    example_kind: ExampleKind = "sft"
+    needs_reference = False
+
+    def prepare(self, items: list[Any], micro_batch_size: int, split: Split) -> tuple[list[Any], str | None]:
+        return items, None
+
+    def policy_logps(self, model: torch.nn.Module, batch: Batch, chunk: int) -> SeqLogps:
+        return sequence_logps(model, batch, chunk)
+
+    def diagnose(self, history: Sequence[dict]) -> list[str]:
+        return []

@@ -3,13 +3,19 @@
 The transformer body runs once; the LM head and log-softmax then run only on the positions whose next token
 is trained, a chunk at a time, so the full [tokens x vocab] logits never exist at once: a frozen linear head
 recomputes each chunk's logits in the backward (`FrozenHeadLogps`), any other head (trained in full
-fine-tuning or `modules_to_save`, 4-bit) runs each chunk under activation checkpointing. Every method (SFT
-and the preference methods) gets its log-probs from here.
+fine-tuning or `modules_to_save`, 4-bit, or followed by a logit transform) runs each chunk under activation
+checkpointing. Every method gets its log-probs from here.
+
+Some architectures transform the head's output before the softmax (Gemma-2/3 soft-capping, Granite's
+`logits_scaling`, Cohere's `logit_scale`, Falcon-H1's `lm_head_multiplier`); `logit_transform` applies the
+model's own transform inside the chunked head, and `check_head` compares tunesmith's log-probs with the
+model's own forward once before training, refusing an architecture whose forward does something else.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.batching import Batch
 from ..data.render import IGNORE
+from ..errors import TunesmithError
 from ..model.fused import lora_inputs_uncast, pick_attention
 from ..model.unwrap import unwrap
 
@@ -53,8 +60,32 @@ def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def logit_transform(model: torch.nn.Module) -> Transform | None:
+    """What the model's own forward does to the head's output before the softmax (None: nothing)."""
+    lm = unwrap(model)
+    cfg = lm.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        return lambda x: torch.tanh(x / cap) * cap
+    scaling = getattr(cfg, "logits_scaling", None)
+    if scaling not in (None, 1, 1.0):
+        if cfg.model_type == "hyperclovax":
+            return lambda x: x * scaling
+        return lambda x: x / scaling  # the Granite family
+    for scale in (getattr(lm, "logit_scale", None), getattr(getattr(lm, "model", None), "lm_head_multiplier", None)):
+        if isinstance(scale, (int, float)) and scale != 1:
+            return lambda x, s=scale: x * s  # Cohere's logit_scale, Falcon-H1's lm_head_multiplier
+    return None
+
+
+def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
+                 transform: Transform | None = None) -> torch.Tensor:
     logits = head(h).float()
+    if transform is not None:
+        logits = transform(logits)
     return torch.gather(logits.log_softmax(-1), -1, targets[:, None]).squeeze(-1)
 
 
@@ -92,6 +123,7 @@ def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> tupl
     """Log-prob of every trained token and the sequence it belongs to, both [N_target]."""
     h = hidden_states(model, batch)
     head = unwrap(model).get_output_embeddings()
+    transform = logit_transform(model)
     targets_mask = batch.labels[:, 1:] != IGNORE
     h_sel = h[:, :-1][targets_mask]
     targets = batch.labels[:, 1:][targets_mask]
@@ -99,12 +131,12 @@ def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> tupl
     pieces = []
     for k in range(0, targets.shape[0], chunk):
         hc, tc = h_sel[k:k + chunk], targets[k:k + chunk]
-        if _frozen_linear(head):
+        if transform is None and _frozen_linear(head):
             pieces.append(FrozenHeadLogps.apply(hc, head.weight, tc))
         elif torch.is_grad_enabled() and hc.requires_grad:
-            pieces.append(checkpoint(_chunk_logps, head, hc, tc, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, head, hc, tc, transform, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(head, hc, tc))
+            pieces.append(_chunk_logps(head, hc, tc, transform))
     logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
     return logps, seq
 
@@ -116,3 +148,35 @@ def sequence_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> S
     count = torch.zeros(s, dtype=torch.float32, device=logps.device).index_add(
         0, seq, torch.ones_like(logps))
     return SeqLogps(total, count)
+
+
+@torch.no_grad()
+def _rows(layer: torch.nn.Module) -> int:
+    """The token count of an embedding or head, read from the module, not its weight: a 4-bit weight is packed."""
+    base = getattr(layer, "base_layer", layer)  # a PEFT-wrapped layer
+    return getattr(base, "num_embeddings", None) or getattr(base, "out_features", None) or base.weight.shape[0]
+
+
+def check_head(model: torch.nn.Module, n_tokens: int = 24, tolerance: float = 0.05) -> None:
+    """Compare tunesmith's per-token log-probs with the model's own forward on a short random sequence and
+    refuse the model when they differ (its forward does something after the head that the chunked head
+    does not reproduce). Run once, before training, on the model as training will use it."""
+    from ..data.batching import collate
+    from ..data.render import Tokenized
+
+    lm = unwrap(model)
+    vocab = min(_rows(lm.get_input_embeddings()), _rows(lm.get_output_embeddings()))
+    device = next(lm.parameters()).device
+    ids = torch.randint(1, vocab, (n_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    batch = collate([Tokenized(tuple(ids), (IGNORE,) + tuple(ids[1:]))], 0).to(device)
+    mine, _ = token_logps(model, batch)
+    logits = model(input_ids=batch.input_ids, use_cache=False).logits[0, :-1].float()
+    theirs = logits.log_softmax(-1).gather(-1, batch.input_ids[0, 1:, None]).squeeze(-1)
+    gap = float((mine.float() - theirs).abs().max())
+    if not gap <= tolerance:
+        kind = getattr(lm.config, "model_type", type(lm).__name__)
+        raise TunesmithError(
+            f"tunesmith cannot reproduce the output of '{kind}' models: its log-probs differ from the model's own "
+            f"forward by up to {gap:.3g} nats per token (its forward transforms the logits in a way tunesmith's "
+            "chunked LM head does not know), so training and scoring would use the wrong distribution",
+            hint="use a supported architecture (docs/methods.md lists the logit transforms tunesmith applies)")

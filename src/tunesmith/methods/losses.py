@@ -19,6 +19,7 @@ from ..errors import TunesmithError
 __all__ = [
     "KTOOut",
     "PreferenceOut",
+    "chosen_nll",
     "dpo_loss",
     "ipo_loss",
     "kto_loss",
@@ -77,11 +78,17 @@ def dpo_loss(
     ref_rejected: Tensor,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    dpop_lambda: float = 0.0,
 ) -> PreferenceOut:
-    """Sigmoid DPO; ``label_smoothing`` > 0 gives conservative DPO (cDPO)."""
+    """Sigmoid DPO; ``label_smoothing`` > 0 gives conservative DPO (cDPO). ``dpop_lambda`` > 0 gives
+    DPO-Positive (Pal et al., 2024): the margin is reduced by lambda * max(0, ref_chosen - policy_chosen), so
+    the loss cannot fall by pushing the chosen answer's likelihood below the reference's."""
     pc, pr, rc, rr = _float(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     chosen_ratio, rejected_ratio = pc - rc, pr - rr
-    losses = _smoothed_logistic(beta * (chosen_ratio - rejected_ratio), label_smoothing)
+    margin = chosen_ratio - rejected_ratio
+    if dpop_lambda:
+        margin = margin - dpop_lambda * (-chosen_ratio).clamp(min=0)
+    losses = _smoothed_logistic(beta * margin, label_smoothing)
     return PreferenceOut(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
@@ -180,6 +187,13 @@ def kto_mismatched_indices(batch_size: int) -> Tensor:
             hint="set train.micro_batch_size to 2 or more (and drop a last micro-batch of 1) for method: kto",
         )
     return (torch.arange(batch_size) + 1) % batch_size
+
+
+def chosen_nll(policy_chosen: Tensor, chosen_tokens: Tensor) -> Tensor:
+    """Per-pair mean NLL of the chosen completion's tokens ([B]): the term `method_args.sft_weight` adds to a
+    preference loss (RPO; TRL's `rpo_alpha`) to keep the chosen answer likely while the margin grows."""
+    pc, nc = _float(policy_chosen, chosen_tokens)
+    return -pc / nc.clamp(min=1)
 
 
 def sft_nll(token_logp_sum: Tensor, n_tokens: Tensor | int) -> Tensor:

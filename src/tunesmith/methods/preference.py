@@ -26,10 +26,12 @@ from ..data.batching import Batch, collate, shared_prefix
 from ..data.render import IGNORE, Renderer, Tokenized, TokenizedPair, TokenizedUnpaired
 from ..data.types import Preference, Unpaired
 from ..errors import TunesmithError
+from .base import MethodBase, Split
 from .logps import SeqLogps
 from .losses import (
     KTOOut,
     PreferenceOut,
+    chosen_nll,
     dpo_loss,
     ipo_loss,
     kto_loss,
@@ -38,41 +40,34 @@ from .losses import (
     simpo_loss,
 )
 
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0}
 
-
-class PairedMethod:
-    """Shared shape of DPO, IPO, ORPO and SimPO; subclasses supply `pair_loss`."""
+class PairedMethod(MethodBase):
+    """Shared shape of DPO, IPO, ORPO and SimPO; subclasses supply `pair_loss` and their default beta."""
 
     name = "paired"
     example_kind = "preference"
     needs_reference = False
+    default_beta: float | None = None
 
     def __init__(self, args: MethodConfig):
         self.args = args
-        self.beta = args.beta if args.beta is not None else DEFAULT_BETA.get(self.name, 0.1)
+        self.beta = args.beta if args.beta is not None else self.default_beta
 
     def render(self, renderer: Renderer, example: Preference) -> TokenizedPair | None:
         return renderer.preference(example)
 
     def length(self, item: TokenizedPair) -> int:
         """Tokens the pair costs to run: its prompt counts once when it is shared."""
-        shared = shared_prefix(item.chosen, item.rejected) if self.shares_prompt else 0
+        shared = shared_prefix(item.chosen, item.rejected) if self.args.share_prompt else 0
         return len(item.chosen) + len(item.rejected) - shared
 
-    def sequences(self, item: TokenizedPair) -> list[Tokenized]:
-        """The sequences an item always contributes, in the order collate places them (for the reference)."""
-        return [item.chosen, item.rejected]
-
-    @property
-    def shares_prompt(self) -> bool:
-        return self.args.share_prompt
+    def batch_sequences(self, items: Sequence[TokenizedPair]) -> list[Tokenized]:
+        return [p.chosen for p in items] + [p.rejected for p in items]
 
     def collate(self, items: Sequence[TokenizedPair], pad_id: int, pack_length: int | None) -> Batch:
         n = len(items)
-        seqs = [p.chosen for p in items] + [p.rejected for p in items]
-        share = [(i, n + i) for i in range(n)] if self.shares_prompt else []
-        return collate(seqs, pad_id, pack_length, extra={"pairs": n}, share=share)
+        share = [(i, n + i) for i in range(n)] if self.args.share_prompt else []
+        return collate(self.batch_sequences(items), pad_id, pack_length, extra={"pairs": n}, share=share)
 
     def units(self, batch: Batch) -> int:
         return batch.extra["pairs"]
@@ -83,11 +78,36 @@ class PairedMethod:
         chosen, rejected = policy.split(n)
         ref = reference.split(n) if reference is not None else (None, None)
         out = self.pair_loss(chosen, rejected, *ref)
-        return out.losses.sum(), pair_metrics(out, chosen, rejected)
+        losses, metrics = out.losses, pair_metrics(out, chosen, rejected)
+        if self.args.sft_weight:
+            nll = chosen_nll(chosen.logp_sum, chosen.n_tokens)
+            losses = losses + self.args.sft_weight * nll
+            metrics["nll/chosen"] = nll.detach().sum()
+        return losses.sum(), metrics
 
     def pair_loss(self, chosen: SeqLogps, rejected: SeqLogps, ref_chosen: SeqLogps | None,
                   ref_rejected: SeqLogps | None) -> PreferenceOut:
         raise NotImplementedError
+
+    def diagnose(self, history: Sequence[dict]) -> list[str]:
+        return likelihood_displacement(history, self.name)
+
+
+def likelihood_displacement(history: Sequence[dict], method: str) -> list[str]:
+    """A warning when the chosen answers' log-prob fell markedly over the stage while the method optimised
+    its margin: the model then prefers the chosen answer only relatively and may answer worse than before.
+    Compares the mean of the first and the last tenth of the logged steps."""
+    values = [r["logps/chosen"] for r in history if "logps/chosen" in r]
+    if len(values) < 4:
+        return []
+    k = max(1, len(values) // 10)
+    first, last = sum(values[:k]) / k, sum(values[-k:]) / k
+    if first - last <= max(1.0, 0.5 * abs(first)):
+        return []
+    return [f"{method}: the chosen answers' log-prob fell from {first:.2f} to {last:.2f} per pair while the "
+            "margin was optimised (likelihood displacement): the model may now answer worse than before this "
+            "stage. Compare it with the previous stage on held-out data; method_args.sft_weight (e.g. 0.2-1.0) "
+            "keeps the chosen answers likely, method_args.dpop_lambda (DPO-Positive) forbids the drop"]
 
 
 def pair_metrics(out: PreferenceOut, chosen: SeqLogps, rejected: SeqLogps) -> dict[str, torch.Tensor]:
@@ -114,16 +134,18 @@ def _need(ref: SeqLogps | None, name: str) -> SeqLogps:
 class DPO(PairedMethod):
     name = "dpo"
     needs_reference = True
+    default_beta = 0.1
 
     def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
         rc, rr = _need(ref_chosen, self.name), _need(ref_rejected, self.name)
         return dpo_loss(chosen.logp_sum, rejected.logp_sum, rc.logp_sum, rr.logp_sum, self.beta,
-                        self.args.label_smoothing)
+                        self.args.label_smoothing, self.args.dpop_lambda)
 
 
 class IPO(PairedMethod):
     name = "ipo"
     needs_reference = True
+    default_beta = 0.1
 
     def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
         rc, rr = _need(ref_chosen, self.name), _need(ref_rejected, self.name)
@@ -141,6 +163,7 @@ class ORPO(PairedMethod):
 
 class SimPO(PairedMethod):
     name = "simpo"
+    default_beta = 2.0
 
     def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
         return simpo_loss(chosen.logp_sum, rejected.logp_sum, chosen.n_tokens, rejected.n_tokens, self.beta,
@@ -165,14 +188,18 @@ def mismatched_sequence(prompt_of: Tokenized, completion_of: Tokenized, max_leng
     return Tokenized(ids, labels, prompt_of.source)
 
 
-class KTO:
+class KTO(MethodBase):
+    """Each completion, and for the reference point z0 one mismatched sequence per example: the prompt of
+    example i with the completion of example (i + 1) % B of the same micro-batch."""
+
     name = "kto"
     example_kind = "unpaired"
     needs_reference = True
+    default_beta = 0.1
 
     def __init__(self, args: MethodConfig):
         self.args = args
-        self.beta = args.beta if args.beta is not None else DEFAULT_BETA["kto"]
+        self.beta = args.beta if args.beta is not None else self.default_beta
         self.max_length: int | None = None
 
     def render(self, renderer: Renderer, example: Unpaired) -> TokenizedUnpaired | None:
@@ -182,21 +209,21 @@ class KTO:
     def length(self, item: TokenizedUnpaired) -> int:
         return 2 * len(item.completion)  # the completion and (about as long) its mismatched sequence
 
-    def sequences(self, item: TokenizedUnpaired) -> list[Tokenized]:
-        return [item.completion]
+    def prepare(self, items: list, micro_batch_size: int, split: Split) -> tuple[list, str | None]:
+        kept, dropped = drop_lone_example(items, micro_batch_size, "training" if split == "train" else "eval")
+        note = (f"kto: left out {dropped} {split} example(s) that would have formed a micro-batch of one "
+                f"(micro_batch_size={micro_batch_size})") if dropped else None
+        return kept, note
 
-    def partners(self, batch_size: int) -> list[int]:
-        """partners[i]: the position in the micro-batch whose completion follows prompt i in the KL term."""
-        return kto_mismatched_indices(batch_size).tolist()
-
-    def kl_sequence(self, prompt_of: TokenizedUnpaired, completion_of: TokenizedUnpaired) -> Tokenized:
-        return mismatched_sequence(prompt_of.completion, completion_of.completion, self.max_length)
+    def batch_sequences(self, items: Sequence[TokenizedUnpaired]) -> list[Tokenized]:
+        partners = kto_mismatched_indices(len(items)).tolist()
+        kl = [mismatched_sequence(items[i].completion, items[j].completion, self.max_length)
+              for i, j in enumerate(partners)]
+        return [x.completion for x in items] + kl
 
     def collate(self, items: Sequence[TokenizedUnpaired], pad_id: int, pack_length: int | None) -> Batch:
-        partners = self.partners(len(items))
-        kl = [self.kl_sequence(items[i], items[j]) for i, j in enumerate(partners)]
         desirable = torch.tensor([x.label for x in items], dtype=torch.bool)
-        return collate([x.completion for x in items] + kl, pad_id, pack_length,
+        return collate(self.batch_sequences(items), pad_id, pack_length,
                        extra={"examples": len(items), "desirable": desirable})
 
     def units(self, batch: Batch) -> int:
@@ -238,13 +265,3 @@ def drop_lone_example(items: list, micro_batch_size: int, what: str = "training"
     if micro_batch_size > 1 and len(items) % micro_batch_size == 1:
         return list(items[:-1]), 1
     return list(items), 0
-
-
-METHODS: dict[str, type] = {"dpo": DPO, "ipo": IPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}
-
-
-def build(name: str, args: MethodConfig):
-    if name not in METHODS:
-        raise TunesmithError(f"unknown training method '{name}'",
-                             f"choose one of: sft, {', '.join(sorted(METHODS))}")
-    return METHODS[name](args)

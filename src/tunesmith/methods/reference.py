@@ -1,16 +1,23 @@
-"""Reference log-probs for DPO, IPO and KTO: the policy as it is at step 0, computed once and cached on disk.
+"""Reference log-probs for DPO, IPO and KTO (and the KL term of online methods): the policy as it is at
+step 0. No second model is kept. Two implementations of one interface, chosen by `method_args.reference`:
 
-No second model is kept. Before the first optimizer step, one pass (eval mode, no grad, the training
-autocast, packed batches) scores every sequence of the train and eval items:
+- `precomputed` (default): before the first optimizer step, one pass (eval mode, no grad, the training
+  autocast) scores every sequence of every micro-batch the batch plan will form, and of every eval chunk,
+  with the very collation training uses; the result is cached on disk. A method whose sequences depend on
+  the micro-batch (KTO's mismatched pairs) is served by the same code, because the pass asks the method for
+  each micro-batch's sequences (`Method.batch_sequences`).
+- `live`: computed on each micro-batch during training — the base model with the adapter switched off for a
+  fresh adapter, otherwise the trainable weights swapped for a copy of their step-0 values.
+
+What "step 0" means (`reference_mode`):
   - a fresh LoRA / DoRA / QLoRA adapter: the base model, with the adapter switched off (`disable_adapter`);
     PiSSA / OLoRA adapters move part of each base weight into the adapter, so there the adapter stays on;
   - a stage that starts from an adapter (`adapter.from_adapter`, e.g. the SFT stage): that adapter, as loaded;
   - full fine-tuning: the initial weights.
-KTO's mismatched (prompt, completion) sequences depend on which examples share a micro-batch; the batch plan
-is a pure function of (seed, epoch), so every pair the run will form is scored in the same pass.
 
-The result is stored as `<cache>/reference/<key>.safetensors` (+ `<key>.json`). The key is the sha256 of
-everything the numbers depend on, so a rerun or a resume reuses it and any change computes afresh.
+The cache is `<cache>/reference/<key>.safetensors` (+ `<key>.json`); the key is the sha256 of everything the
+numbers depend on (the base model's weights, the starting adapter, quantisation, precision, and every
+sequence to score), so a rerun or a resume reuses it and any change computes afresh.
 """
 
 from __future__ import annotations
@@ -18,112 +25,154 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from ..console import advance, phase
-from ..data.batching import Batch, batch_order, collate, pack_setting
+from ..console import phase
+from ..data.batching import Batch
 from ..data.render import IGNORE, Tokenized
 from ..errors import TrainingAborted, TunesmithError
+from .base import Method, Split
 from .logps import SeqLogps, sequence_logps
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+SeqKey = tuple[tuple[int, ...], tuple[int, ...]]
 
+
+class Reference(Protocol):
+    """(the split the items come from, a micro-batch's items, its collated batch) -> reference log-probs of
+    the batch's sequences, in seq-id order."""
+
+    key: str | None
+
+    def __call__(self, split: Split, items: Sequence[Any], batch: Batch) -> SeqLogps: ...
+
+
+def target_counts(batch: Batch) -> torch.Tensor:
+    mask = batch.labels[:, 1:] != IGNORE
+    return torch.bincount(batch.seq_ids[:, 1:][mask], minlength=batch.n_seqs).float().cpu()
+
+
+# ---------------------------------------------------------------- precomputed
 
 @dataclass
 class Table:
-    """Reference log-probs of one item set: `logp[i, s]` for sequence s of item i (method.sequences order);
-    for KTO also the mismatched pairs (prompt item, completion item) and their log-probs."""
+    """Reference log-probs of the sequences of one split, in the split's canonical (sorted) order."""
 
-    logp: torch.Tensor  # [N, k]
-    n_tokens: torch.Tensor  # [N, k]
-    kl_pairs: torch.Tensor | None = None  # [M, 2] int64
-    kl_logp: torch.Tensor | None = None  # [M]
-    kl_n_tokens: torch.Tensor | None = None  # [M]
-    _row: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
+    seqs: list[SeqKey]
+    logp: torch.Tensor  # [N]
+    n_tokens: torch.Tensor  # [N]
 
-    def kl_row(self, prompt: int, completion: int) -> int:
-        if not self._row and self.kl_pairs is not None:
-            self._row = {(int(a), int(b)): r for r, (a, b) in enumerate(self.kl_pairs.tolist())}
-        if (prompt, completion) not in self._row:
-            raise TunesmithError(f"no reference log-prob for the mismatched pair ({prompt}, {completion})",
-                                 "this is a bug in tunesmith: the KTO batch plan and the loop disagree")
-        return self._row[(prompt, completion)]
+    def __post_init__(self) -> None:
+        self.row = {s: i for i, s in enumerate(self.seqs)}
+
+    def lookup(self, seqs: Sequence[Tokenized]) -> SeqLogps | None:
+        try:
+            rows = torch.tensor([self.row[(s.input_ids, s.labels)] for s in seqs], dtype=torch.long)
+        except KeyError:
+            return None
+        return SeqLogps(self.logp[rows], self.n_tokens[rows])
 
 
-class Reference:
-    """ReferenceFn: (item indices of a micro-batch, its batch) -> the reference SeqLogps in batch order."""
-
-    def __init__(self, model: torch.nn.Module, method: Any, tables: dict[str, Table], key: str, cache_hit: bool,
-                 path: Path | None):
-        self.model, self.method, self.tables = model, method, tables
+class PrecomputedReference:
+    def __init__(self, method: Method, tables: dict[str, Table], key: str, cache_hit: bool, path: Path | None):
+        self.method, self.tables = method, tables
         self.key, self.cache_hit, self.path = key, cache_hit, path
 
-    def __call__(self, indices: Sequence[int], batch: Batch) -> SeqLogps:
-        """The loop trains in train mode and evaluates in eval mode, which tells whether `indices` point into
-        the train or the eval items; the token counts of the batch confirm it."""
-        counts = _target_counts(batch)
-        names = ["train", "eval"] if self.model.training else ["eval", "train"]
-        for name in names:
-            out = self._lookup(name, list(indices))
-            if out is not None and torch.equal(out.n_tokens, counts):
-                return SeqLogps(out.logp_sum.to(batch.input_ids.device), out.n_tokens.to(batch.input_ids.device))
-        raise TunesmithError("the reference log-probs do not match this batch (different token counts)",
-                             "this is a bug in tunesmith; rerun with method_args.reference_cache: false and "
-                             "report it")
-
-    def _lookup(self, name: str, idx: list[int]) -> SeqLogps | None:
-        table = self.tables.get(name)
-        if table is None or (idx and max(idx) >= table.logp.shape[0]):
-            return None
-        logp, n = table.logp[idx].T.reshape(-1), table.n_tokens[idx].T.reshape(-1)
-        if hasattr(self.method, "partners"):
-            rows = [table.kl_row(idx[i], idx[j]) for i, j in enumerate(self.method.partners(len(idx)))]
-            logp = torch.cat([logp, table.kl_logp[rows]])
-            n = torch.cat([n, table.kl_n_tokens[rows]])
-        return SeqLogps(logp, n)
+    def __call__(self, split: Split, items: Sequence[Any], batch: Batch) -> SeqLogps:
+        table = self.tables.get(split)
+        out = table.lookup(self.method.batch_sequences(items)) if table is not None else None
+        if out is None or not torch.equal(out.n_tokens, target_counts(batch)):
+            raise TunesmithError(f"the precomputed reference log-probs do not cover this {split} micro-batch",
+                                 "this is a bug in tunesmith; rerun with method_args.reference: live (or "
+                                 "method_args.reference_cache: false) and report it")
+        device = batch.input_ids.device
+        return SeqLogps(out.logp_sum.to(device), out.n_tokens.to(device))
 
 
-def _target_counts(batch: Batch) -> torch.Tensor:
-    mask = batch.labels[:, 1:] != IGNORE
-    seq = batch.seq_ids[:, 1:][mask]
-    return torch.bincount(seq, minlength=batch.n_seqs).float().cpu()
-
-
-# ---------------------------------------------------------------- the KTO batch plan
-
-def kto_pairs(method: Any, items: Sequence[Any], cfg: Any, eval_items: Sequence[Any] | None
-              ) -> dict[str, list[tuple[int, int]]]:
-    """Every (prompt item, completion item) pair the run's micro-batches will form. Mirrors
-    `train.loop.Trainer.micro_batch` (train) and `Trainer.evaluate` (eval); tests check they agree."""
-    t = cfg.train
-    out = {"train": sorted({p for b in planned_micro_batches(items, method, t) for p in _batch_pairs(method, b)})}
-    if eval_items:
-        chunks = [list(range(k, min(k + t.micro_batch_size, len(eval_items))))
-                  for k in range(0, len(eval_items), t.micro_batch_size)]
-        out["eval"] = sorted({p for b in chunks for p in _batch_pairs(method, b)})
+def planned_sequences(method: Method, batches: dict[str, list[list[Any]]]) -> dict[str, list[SeqKey]]:
+    """Every distinct sequence the micro-batches of each split put into a batch, in sorted order."""
+    out = {}
+    for split, groups in batches.items():
+        seen = {(s.input_ids, s.labels) for items in groups for s in method.batch_sequences(items)}
+        out[split] = sorted(seen)
     return out
 
 
-def planned_micro_batches(items: Sequence[Any], method: Any, t: Any) -> list[list[int]]:
-    from ..train.loop import plan_steps  # the loop's own arithmetic, so the two cannot drift apart
+@torch.no_grad()
+def score_batches(model: torch.nn.Module, method: Method, groups: Iterable[list[Any]], pad_id: int,
+                  pack_length: int | None, rt: Any, chunk: int, scored: dict[SeqKey, tuple[float, float]],
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Score each micro-batch (collated exactly as training collates it) whose sequences are not all in
+    `scored` yet, and add its sequences to `scored`. `progress(n)` follows each micro-batch's n items, scored
+    or already known."""
+    for items in groups:
+        seqs = [(s.input_ids, s.labels) for s in method.batch_sequences(items)]
+        if not all(s in scored for s in seqs):
+            batch = method.collate(items, pad_id, pack_length).to(rt.device)
+            with rt.autocast():
+                out = sequence_logps(model, batch, chunk)
+            for s, lp, n in zip(seqs, out.logp_sum.float().tolist(), out.n_tokens.float().tolist(), strict=True):
+                scored[s] = (lp, n)
+        if progress is not None:
+            progress(len(items))
 
-    lengths = [method.length(x) for x in items]
-    per_epoch, total_steps = plan_steps(len(items), t)
-    epochs = math.ceil(total_steps * t.grad_accum / per_epoch)
-    return [b for e in range(epochs)
-            for b in batch_order(lengths, t.micro_batch_size, t.seed, e, t.group_by_length)]
+
+def build_tables(planned: dict[str, list[SeqKey]], scored: dict[SeqKey, tuple[float, float]]) -> dict[str, Table]:
+    tables = {}
+    for split, seqs in planned.items():
+        values = torch.tensor([scored[s] for s in seqs], dtype=torch.float32).reshape(-1, 2)
+        tables[split] = Table(seqs, values[:, 0].contiguous(), values[:, 1].contiguous())
+    return tables
 
 
-def _batch_pairs(method: Any, batch: list[int]) -> list[tuple[int, int]]:
-    return [(batch[i], batch[j]) for i, j in enumerate(method.partners(len(batch)))]
+# ---------------------------------------------------------------- live
+
+class LiveReference:
+    """The step-0 policy computed on each micro-batch: with the adapter switched off (a fresh adapter), or
+    with the trainable weights swapped for a copy of their step-0 values (a starting adapter, PiSSA/OLoRA,
+    full fine-tuning — the copy is as large as the trainable weights)."""
+
+    key = None
+    cache_hit = False
+    path = None
+
+    def __init__(self, model: torch.nn.Module, mode: str, rt: Any, chunk: int):
+        self.model, self.mode, self.rt, self.chunk = model, mode, rt, chunk
+        self.initial = None if mode == "base" else {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def __call__(self, split: Split, items: Sequence[Any], batch: Batch) -> SeqLogps:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._step0(), self.rt.autocast():
+                return sequence_logps(self.model, batch, self.chunk).detach()
+        finally:
+            self.model.train(was_training)
+
+    @contextlib.contextmanager
+    def _step0(self):
+        if self.initial is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        params = dict(self.model.named_parameters())
+        swap = [(params[n], t) for n, t in self.initial.items()]
+        for p, t in swap:
+            p.data, t.data = t.data, p.data
+        try:
+            yield
+        finally:
+            for p, t in swap:
+                p.data, t.data = t.data, p.data
 
 
 # ---------------------------------------------------------------- the key
@@ -140,15 +189,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def items_hash(method: Any, sets: dict[str, Sequence[Any]], pairs: dict[str, list[tuple[int, int]]]) -> str:
-    """sha256 of the rendered token ids and labels of every sequence, and of KTO's mismatched pairs."""
+def sequences_hash(planned: dict[str, list[SeqKey]]) -> str:
     h = hashlib.sha256()
-    for name, items in sets.items():
-        h.update(f"[{name}:{len(items)}]".encode())
-        for item in items:
-            for seq in method.sequences(item):
-                h.update(json.dumps([seq.input_ids, seq.labels]).encode())
-        h.update(json.dumps(pairs.get(name, [])).encode())
+    for split, seqs in planned.items():
+        h.update(f"[{split}:{len(seqs)}]".encode())
+        for ids, labels in seqs:
+            h.update(json.dumps([ids, labels]).encode())
     return h.hexdigest()
 
 
@@ -161,25 +207,27 @@ def reference_mode(cfg: Any) -> str:
     return "initial-policy" if a.init in ("pissa", "olora") else "base"
 
 
-def key_parts(cfg: Any, method: Any, tokenizer: Any, precision: str, data_sha: str) -> dict:
+def key_parts(cfg: Any, tokenizer: Any, precision: str, planned: dict[str, list[SeqKey]]) -> dict | None:
+    """Everything the reference numbers depend on; None when the base model's content cannot be pinned
+    (then nothing is cached)."""
     from ..model.load import model_identity
 
-    a, d = cfg.adapter, cfg.data
-    identity = json.dumps(model_identity(cfg.model, cfg.revision), sort_keys=True, default=str)
+    a = cfg.adapter
+    identity = model_identity(cfg.model, cfg.revision)
+    if not (identity.get("sha256") or identity.get("commit")):
+        return None
     adapter = file_sha256(Path(a.from_adapter) / "adapter_model.safetensors") if a.from_adapter else "none"
+    mode = reference_mode(cfg)
     return {
         "format": CACHE_FORMAT,
-        "model": sha256_bytes(identity.encode()),
+        "model": sha256_bytes(json.dumps(identity, sort_keys=True, default=str).encode()),
         "adapter": adapter,
-        "reference": reference_mode(cfg) + (f":{a.init}" if reference_mode(cfg) == "initial-policy" else ""),
+        "reference": mode + (f":{a.init}" if mode == "initial-policy" else ""),
         "quantization": (f"nf4:double_quant={a.double_quant},embeddings={a.embeddings_in_4bit}"
                          if a.kind == "qlora" else "none"),
-        "data": data_sha,
-        "tokenisation": {"max_length": d.max_length, "truncation": d.truncation, "train_on": d.train_on,
-                         "system_prompt": d.system_prompt,
-                         "template": sha256_bytes((getattr(tokenizer, "chat_template", None) or "").encode())},
+        "template": sha256_bytes((getattr(tokenizer, "chat_template", None) or "").encode()),
         "precision": precision,
-        "method_kind": method.example_kind,
+        "sequences": sequences_hash(planned),
     }
 
 
@@ -193,96 +241,14 @@ def cache_dir() -> Path:
     return cache_root() / "reference"
 
 
-# ---------------------------------------------------------------- computing
-
-@torch.no_grad()
-def score_sequences(model: torch.nn.Module, seqs: Sequence[Tokenized], pad_id: int, pack_length: int | None,
-                    batch_seqs: int, rt: Any, logits_chunk: int,
-                    pairs: Sequence[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and token counts of each sequence's trained tokens, [S] each. Sequences go through
-    in batches of about `batch_seqs`, longest first; each of `pairs` (i, j) stays in one batch with its
-    shared prompt computed once, as in training."""
-    logp, count = torch.zeros(len(seqs)), torch.zeros(len(seqs))
-    in_pair = {i for pair in pairs for i in pair}
-    units = [list(p) for p in pairs] + [[i] for i in range(len(seqs)) if i not in in_pair]
-    units.sort(key=lambda u: -sum(len(seqs[i]) for i in u))
-    batches: list[list[list[int]]] = []
-    for unit in units:
-        if not batches or sum(len(u) for u in batches[-1]) + len(unit) > max(batch_seqs, len(unit)):
-            batches.append([])
-        batches[-1].append(unit)
-    for group in batches:
-        idx = [i for u in group for i in u]
-        at = {i: k for k, i in enumerate(idx)}
-        share = [(at[u[0]], at[u[1]]) for u in group if len(u) == 2]
-        batch = collate([seqs[i] for i in idx], pad_id, pack_length, share=share).to(rt.device)
-        with rt.autocast():
-            out = sequence_logps(model, batch, logits_chunk)
-        logp[idx], count[idx] = out.logp_sum.float().cpu(), out.n_tokens.float().cpu()
-        advance(len(idx))
-    return logp, count
-
-
-def compute_tables(model: torch.nn.Module, method: Any, sets: dict[str, Sequence[Any]],
-                   pairs: dict[str, list[tuple[int, int]]], cfg: Any, rt: Any, pad_id: int) -> dict[str, Table]:
-    t = cfg.train
-    pack = pack_setting(t.packing, t.pack_length)
-    per_set = {}
-    for name, items in sets.items():
-        seqs = [s for item in items for s in method.sequences(item)]
-        seqs += [method.kl_sequence(items[a], items[b]) for a, b in pairs.get(name, [])]
-        per_set[name] = seqs
-    # a sequence that occurs more than once (eval items that are also train items) is scored once
-    unique: dict[tuple, int] = {}
-    for seqs in per_set.values():
-        for s in seqs:
-            unique.setdefault((s.input_ids, s.labels), len(unique))
-    todo = [Tokenized(ids, labels) for ids, labels in unique]
-    shared: list[tuple[int, int]] = []  # (chosen, rejected), each sequence in at most one pair
-    if getattr(method, "shares_prompt", False):
-        used: set[int] = set()
-        for items in sets.values():
-            for item in items:
-                c, r = (unique[(s.input_ids, s.labels)] for s in method.sequences(item))
-                if c != r and not {c, r} & used:
-                    shared.append((c, r))
-                    used.update((c, r))
-    with phase("reference pass", len(todo), unit="sequences", enabled=rt.is_main):
-        all_logp, all_n = score_sequences(model, todo, pad_id, pack, 2 * t.micro_batch_size, rt, t.logits_chunk,
-                                          pairs=shared)
-    tables = {}
-    for name, items in sets.items():
-        k = len(method.sequences(items[0]))
-        kl_pairs = pairs.get(name)
-        rows = torch.tensor([unique[(s.input_ids, s.labels)] for s in per_set[name]], dtype=torch.long)
-        logp, n = all_logp[rows], all_n[rows]
-        main = len(items) * k
-        table = Table(logp[:main].view(len(items), k), n[:main].view(len(items), k))
-        if kl_pairs:
-            table.kl_pairs = torch.tensor(kl_pairs, dtype=torch.long)
-            table.kl_logp, table.kl_n_tokens = logp[main:], n[main:]
-        tables[name] = table
-    return tables
-
-
-def reference_context(model: torch.nn.Module, cfg: Any):
-    """A fresh adapter is switched off, so the pass sees exactly the base model."""
-    if reference_mode(cfg) == "base" and hasattr(model, "disable_adapter"):
-        return model.disable_adapter()
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------- storage (safetensors + JSON only)
 
 def save_tables(tables: dict[str, Table], path: Path, sidecar: dict) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
-    for name, t in tables.items():
-        tensors[f"{name}.logp"], tensors[f"{name}.n_tokens"] = t.logp.contiguous(), t.n_tokens.contiguous()
-        if t.kl_pairs is not None:
-            tensors[f"{name}.kl_pairs"] = t.kl_pairs.contiguous()
-            tensors[f"{name}.kl_logp"], tensors[f"{name}.kl_n_tokens"] = t.kl_logp, t.kl_n_tokens
+    for split, t in tables.items():
+        tensors[f"{split}.logp"], tensors[f"{split}.n_tokens"] = t.logp, t.n_tokens
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"key": sidecar["key"]})
@@ -293,9 +259,8 @@ def save_tables(tables: dict[str, Table], path: Path, sidecar: dict) -> None:
     os.replace(tmp_meta, meta)
 
 
-def load_tables(path: Path, sets: dict[str, Sequence[Any]], method: Any,
-                pairs: dict[str, list[tuple[int, int]]]) -> dict[str, Table] | None:
-    """The cached tables, or None when the file is missing or does not fit these items."""
+def load_tables(path: Path, planned: dict[str, list[SeqKey]]) -> dict[str, Table] | None:
+    """The cached tables, or None when the file is missing, damaged or does not fit these sequences."""
     from safetensors.torch import load_file
 
     if not path.exists():
@@ -305,54 +270,69 @@ def load_tables(path: Path, sets: dict[str, Sequence[Any]], method: Any,
     except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
         return None
     tables = {}
-    for name, items in sets.items():
-        k = len(method.sequences(items[0]))
-        if raw.get(f"{name}.logp") is None or tuple(raw[f"{name}.logp"].shape) != (len(items), k):
+    for split, seqs in planned.items():
+        logp, n = raw.get(f"{split}.logp"), raw.get(f"{split}.n_tokens")
+        if logp is None or n is None or logp.shape != (len(seqs),) or n.shape != (len(seqs),):
             return None
-        table = Table(raw[f"{name}.logp"], raw[f"{name}.n_tokens"])
-        if pairs.get(name):
-            if raw.get(f"{name}.kl_pairs") is None or raw[f"{name}.kl_pairs"].tolist() != [list(p) for p in pairs[name]]:
-                return None
-            table.kl_pairs = raw[f"{name}.kl_pairs"]
-            table.kl_logp, table.kl_n_tokens = raw[f"{name}.kl_logp"], raw[f"{name}.kl_n_tokens"]
-        tables[name] = table
+        tables[split] = Table(seqs, logp, n)
     return tables
 
 
 # ---------------------------------------------------------------- the entry point
 
-def build_reference(model: torch.nn.Module, method: Any, items: Sequence[Any], eval_items: Sequence[Any] | None,
-                    cfg: Any, rt: Any, tokenizer: Any, run_path: Path, console: Any) -> Reference:
-    """Score (or load from the cache) the reference log-probs of every train and eval item."""
-    if not items:
+def build_reference(model: torch.nn.Module, method: Method, batches: dict[str, list[list[Any]]], cfg: Any,
+                    rt: Any, tokenizer: Any, pack_length: int | None, console: Any,
+                    progress: Callable[[int], None] | None = None) -> Reference:
+    """The run's reference: live, or precomputed for every micro-batch in `batches` (per split, the items
+    of each micro-batch the run will form) and cached. With `progress` (a callback, such as
+    `tunesmith.console.advance`), the pass is a "reference pass" phase on `console`, counted in examples."""
+    if cfg.method_args.reference == "live":
+        console.print(f"reference log-probs: live ({reference_mode(cfg)})")
+        return LiveReference(model, reference_mode(cfg), rt, cfg.train.logits_chunk)
+    if not batches.get("train"):
         raise TrainingAborted("no training examples left after rendering", hint="check `tunesmith data check`")
-    sets = {"train": list(items)}
-    if eval_items:
-        sets["eval"] = list(eval_items)
-    pairs = kto_pairs(method, items, cfg, eval_items) if hasattr(method, "partners") else {}
-    parts = key_parts(cfg, method, tokenizer, rt.precision, items_hash(method, sets, pairs))
-    key = cache_key(parts)
-    path = cache_dir() / f"{key}.safetensors"
-    use_cache = cfg.method_args.reference_cache
-    tables = load_tables(path, sets, method, pairs) if use_cache else None
+    planned = planned_sequences(method, batches)
+    parts = key_parts(cfg, tokenizer, rt.precision, planned) if cfg.method_args.reference_cache else None
+    key = cache_key(parts) if parts else sequences_hash(planned)
+    path = cache_dir() / f"{key}.safetensors" if parts else None
+    tables = load_tables(path, planned) if path else None
     if tables is not None:
         console.print(f"reference log-probs: cache hit ({key})")
-        return Reference(model, method, tables, key, True, path)
-    n_items = " + ".join(f"{len(s)} {name}" for name, s in sets.items())
-    console.print(f"reference log-probs: scoring {n_items} items ({reference_mode(cfg)}"
-                  f"{', cache miss' if use_cache else ', cache off'})")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    started, was_training = time.time(), model.training
-    model.eval()
-    try:
-        with reference_context(model, cfg):
-            tables = compute_tables(model, method, sets, pairs, cfg, rt, pad_id)
-    finally:
-        model.train(was_training)
-    if use_cache and rt.is_main:
+        return PrecomputedReference(method, tables, key, True, path)
+    sizes = " + ".join(f"{len(s)} {split}" for split, s in planned.items())
+    why = ("cache miss" if path else "cache off" if not cfg.method_args.reference_cache
+           else "not cached: the base model's content cannot be pinned")
+    console.print(f"reference log-probs: scoring {sizes} sequences ({reference_mode(cfg)}, {why})")
+    started = time.time()
+    total = sum(len(items) for groups in batches.values() for items in groups)
+    with phase("reference pass", total, console, "examples", enabled=progress is not None and rt.is_main):
+        tables = _score(model, method, batches, planned, cfg, rt, tokenizer, pack_length, progress)
+    if path is not None and rt.is_main:
         sidecar = {"key": key, "parts": parts, "model": cfg.model, "from_adapter": cfg.adapter.from_adapter,
-                   "items": {n: len(s) for n, s in sets.items()}, "kl_pairs": {n: len(p) for n, p in pairs.items()},
+                   "sequences": {s: len(v) for s, v in planned.items()},
                    "seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         save_tables(tables, path, sidecar)
         console.print(f"reference log-probs: cached as {key}")
-    return Reference(model, method, tables, key, False, path if use_cache else None)
+    return PrecomputedReference(method, tables, key, False, path)
+
+
+def _score(model, method, batches, planned, cfg, rt, tokenizer, pack_length, progress) -> dict[str, Table]:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scored: dict[SeqKey, tuple[float, float]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with reference_context(model, cfg):
+            for groups in batches.values():
+                score_batches(model, method, groups, pad_id, pack_length, rt, cfg.train.logits_chunk, scored,
+                              progress)
+    finally:
+        model.train(was_training)
+    return build_tables(planned, scored)
+
+
+def reference_context(model: torch.nn.Module, cfg: Any):
+    """A fresh adapter is switched off, so the pass sees exactly the base model."""
+    if reference_mode(cfg) == "base" and hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()

@@ -9,10 +9,11 @@ import torch
 from ..data.batching import Batch, collate
 from ..data.render import Renderer, Tokenized
 from ..data.types import Conversation
+from .base import MethodBase
 from .logps import SeqLogps
 
 
-class SFT:
+class SFT(MethodBase):
     name = "sft"
     example_kind = "sft"
     needs_reference = False
@@ -23,6 +24,9 @@ class SFT:
     def length(self, item: Tokenized) -> int:
         return len(item)
 
+    def batch_sequences(self, items: Sequence[Tokenized]) -> list[Tokenized]:
+        return list(items)
+
     def collate(self, items: Sequence[Tokenized], pad_id: int, pack_length: int | None) -> Batch:
         return collate(items, pad_id, pack_length)
 
@@ -31,5 +35,4 @@ class SFT:
 
     def loss(self, policy: SeqLogps, reference: SeqLogps | None, batch: Batch
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        nll = -policy.logp_sum.sum()
-        return nll, {}
+        return -policy.logp_sum.sum(), {}

@@ -102,8 +102,8 @@ def lora_config(model: nn.Module, cfg: AdapterConfig):
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=_peft_target_modules(model, resolve_targets(model, cfg.target)),
         modules_to_save=list(cfg.modules_to_save) or None,
-        use_rslora=cfg.kind == "rslora" or cfg.use_rslora,
-        use_dora=cfg.kind == "dora" or cfg.use_dora,
+        use_rslora=cfg.rslora,
+        use_dora=cfg.dora,
         init_lora_weights=init,
     )
 
@@ -125,7 +125,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     if cfg.kind != "qlora" and quantized:
         raise TunesmithError(f"the base is loaded in 4-bit but adapter.kind is {cfg.kind}",
                              "use adapter.kind: qlora (with use_dora / use_rslora for those variants)")
-    if (cfg.kind == "dora" or cfg.use_dora) and cfg.init in ("pissa", "olora"):
+    if cfg.dora and cfg.init in ("pissa", "olora"):
         raise TunesmithError(f"adapter.init '{cfg.init}' with DoRA is not supported: PEFT's conversion back to the "
                              "original base drops the DoRA magnitudes", "use adapter.init: default")
     _check_modules_to_save(model, cfg)

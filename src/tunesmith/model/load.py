@@ -129,18 +129,34 @@ def _translate(spec, where, e: Exception) -> Exception:
     return ModelLoadError(f"could not load model '{spec}': {type(e).__name__}: {text.splitlines()[0] if text else ''}")
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "config.json")
+
+
 def model_identity(spec: str | None, revision: str | None = None) -> dict:
-    """What a run records about its base model: the spec, where it was loaded from and a content hash."""
+    """What a run records about its base model: the spec, where it was loaded from and what pins its
+    content — a hash of a local folder's weight files and config, or a hub model's resolved commit."""
     where = resolve(spec, revision=revision)
     ident: dict = {"spec": spec or "default", "source": str(where)}
     if isinstance(where, Path):
         marker = where / "tunesmith-model.json"
         if marker.exists():
             ident.update(json.loads(marker.read_text()))
-        ident["sha256"] = directory_hash(where, patterns=("*.safetensors", "config.json"))
+        ident["sha256"] = directory_hash(where, patterns=WEIGHT_FILES)
     else:
         ident["revision"] = revision
+        ident["commit"] = hub_commit(where, revision)
     return ident
+
+
+def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit a hub model id resolves to in the local hub cache (None when it is not there)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not downloaded, or not a hub id: nothing pins its content
+        return None
+    return Path(folder).name
 
 
 _HASHES: dict[tuple, str] = {}

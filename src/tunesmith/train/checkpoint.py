@@ -1,10 +1,13 @@
 """Atomic checkpoints and exact resume.
 
-A checkpoint is a folder `checkpoints/step-000200/` holding only safetensors and JSON:
+A checkpoint is a folder `checkpoints/step-000200/` holding only safetensors and JSON. Each component of the
+run (the trainer lists them: `Trainer.components()`) saves its own state dict — tensors to
+`<name>.safetensors`, everything else to `<name>.json` — so nothing here reaches into the trainer:
   trainable.safetensors   every trainable parameter
   optimizer.safetensors   AdamW moments (keyed by parameter name) + optimizer.json (hyper-parameters, steps)
   rng.safetensors         torch CPU (and CUDA) generator states; rng.json: Python and NumPy states
   state.json              step, tokens, metric history, reference-cache key
+  source.json             an online batch source's state (absent for a fixed batch plan)
   COMPLETE                written last, inside the temporary folder, before the atomic rename
 It is written to `checkpoints/.tmp-step-…` and renamed into place, so a crash at any moment leaves either the
 previous checkpoint set or the new one, never a half-written folder that resume would pick up.
@@ -18,20 +21,25 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import TunesmithError
-from .loop import Trainer, TrainState
 
 MARKER = "COMPLETE"
-ALLOWED = {"trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "rng.json",
-           "state.json", MARKER}
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 FORMAT = 1
+
+
+class Component(Protocol):
+    """A part of the run that saves and restores itself: tensors (safetensors) and JSON-able metadata."""
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -48,16 +56,22 @@ def latest(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save(trainer: Trainer, root: Path, extra: dict | None = None, keep_last: int | None = None) -> Path:
-    """Write a checkpoint of the trainer atomically; apply retention; return its folder."""
+def save(components: dict[str, Component], root: Path, step: int, keep_last: int | None = None) -> Path:
+    """Write a checkpoint of the components atomically; apply retention; return its folder."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{trainer.state.step:06d}"
+    final = root / f"step-{step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write(trainer, tmp, extra or {})
-        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": trainer.state.step}))
+        for name, component in components.items():
+            tensors, meta = component.state_dict()
+            if tensors:
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                          str(tmp / f"{name}.safetensors"))
+            if meta:
+                (tmp / f"{name}.json").write_text(json.dumps(meta))
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": step}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -82,53 +96,72 @@ def retain(root: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _write(trainer: Trainer, out: Path, extra: dict) -> None:
-    names = _trainable_names(trainer.model)
-    save_file({n: p.detach().contiguous().cpu() for n, p in names.items()}, str(out / "trainable.safetensors"))
-    tensors, meta = _optimizer_state(trainer.optimizer, names)
-    save_file(tensors, str(out / "optimizer.safetensors"))
-    (out / "optimizer.json").write_text(json.dumps(meta))
-    rng_tensors, rng_json = _rng_state()
-    save_file(rng_tensors, str(out / "rng.safetensors"))
-    (out / "rng.json").write_text(json.dumps(rng_json))
-    state = {"format": FORMAT, **trainer.state.as_dict(), "history": trainer.state.history, **extra}
-    (out / "state.json").write_text(json.dumps(state))
+def load(components: dict[str, Component], path: Path) -> None:
+    """Restore every component from a checkpoint folder (each from its own files)."""
+    check_folder(path, components)
+    for name, component in components.items():
+        st, js = path / f"{name}.safetensors", path / f"{name}.json"
+        tensors = load_file(str(st)) if st.exists() else {}
+        meta = json.loads(js.read_text()) if js.exists() else {}
+        component.load_state_dict(tensors, meta)
 
 
-def load(trainer: Trainer, path: Path) -> dict:
-    """Restore trainer (weights, optimizer, RNG, state) from a checkpoint folder; return its state.json."""
-    check_folder(path)
-    names = _trainable_names(trainer.model)
-    weights = load_file(str(path / "trainable.safetensors"))
-    if set(weights) != set(names):
-        missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
-        raise TunesmithError(f"checkpoint {path} does not match this run's trainable parameters "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
-                             "resume with the same config the checkpoint was written with")
-    with torch.no_grad():
-        for n, p in names.items():
-            p.copy_(weights[n].to(p.device, p.dtype))
-    meta = json.loads((path / "optimizer.json").read_text())
-    _load_optimizer(trainer.optimizer, names, load_file(str(path / "optimizer.safetensors")), meta)
-    _set_rng(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
-    state = json.loads((path / "state.json").read_text())
-    trainer.state = TrainState(step=state["step"], tokens=state["tokens"], target_tokens=state["target_tokens"],
-                               skipped_nonfinite=state["skipped_nonfinite"], elapsed=state["elapsed"],
-                               history=list(state["history"]))
-    return state
-
-
-def check_folder(path: Path) -> None:
-    """A checkpoint holds only safetensors and JSON written by tunesmith; anything else (a pickle, a .pt/.bin
-    file) is refused before any file is read, so it can never execute."""
+def check_folder(path: Path, components: dict[str, Component]) -> None:
+    """A checkpoint holds only the safetensors and JSON files of the run's components; anything else (a
+    pickle, a .pt/.bin file) is refused before any file is read, so it can never execute."""
     if not (path / MARKER).exists():
         raise TunesmithError(f"{path} is not a complete tunesmith checkpoint (no {MARKER} marker)",
                              "use --resume auto to pick the newest complete checkpoint")
-    strangers = sorted(p.name for p in path.iterdir() if p.name not in ALLOWED)
+    allowed = {MARKER} | {f"{n}.{ext}" for n in components for ext in ("safetensors", "json")}
+    strangers = sorted(p.name for p in path.iterdir() if p.name not in allowed)
     if strangers:
         raise TunesmithError(f"checkpoint {path} contains files tunesmith never writes: {', '.join(strangers)}",
                              "tunesmith checkpoints hold only safetensors and JSON; it refuses to load anything "
                              "else (pickle files can run code). Remove the folder or resume from another one")
+
+
+# ---------------------------------------------------------------- components every training run has
+
+class TrainableWeights:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return dict(_trainable_names(self.model)), {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        names = _trainable_names(self.model)
+        if set(tensors) != set(names):
+            missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
+            raise TunesmithError(f"the checkpoint does not match this run's trainable parameters "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+                                 "resume with the same config the checkpoint was written with")
+        with torch.no_grad():
+            for n, p in names.items():
+                p.copy_(tensors[n].to(p.device, p.dtype))
+
+
+class OptimizerState:
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module):
+        self.optimizer, self.model = optimizer, model
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return _optimizer_state(self.optimizer, _trainable_names(self.model))
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if not meta:
+            raise TunesmithError("the checkpoint has no optimizer state", "resume from a complete checkpoint")
+        _load_optimizer(self.optimizer, _trainable_names(self.model), tensors, meta)
+
+
+class RngState:
+    """torch (CPU and CUDA), Python and NumPy generators of this process."""
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return _rng_state()
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        _set_rng(tensors, meta)
 
 
 def _trainable_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

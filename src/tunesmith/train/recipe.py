@@ -1,6 +1,7 @@
-"""The training recipe, top to bottom: load the model, attach the adapter, load and render the data, train
-with the one loop, save the adapter and the run record. Multi-stage configs (SFT then DPO) run the recipe
-once per stage, each stage starting from the previous stage's adapter."""
+"""The training recipe, top to bottom: set up the process, load the data, load the model and attach the
+adapter, render the examples, set up the reference and the loop, train, save the adapter and the run record.
+Multi-stage configs (SFT then DPO) run the recipe once per stage, each stage starting from the previous
+stage's adapter."""
 
 from __future__ import annotations
 
@@ -9,20 +10,32 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from ..config import DataConfig, RunConfig, TrainConfig
-from ..console import counted, make_console, phase
+from ..config import RunConfig, stage_config
+from ..console import advance, counted, make_console, phase
 from ..data.batching import pack_setting
+from ..data.load import load_data, write_rejects
+from ..data.plan import BatchPlan
+from ..data.render import Renderer
+from ..data.types import Dataset
 from ..errors import TunesmithError
-from ..methods import get_method
-from ..model.device import make_runtime
+from ..methods import Method, get_method
+from ..methods.logps import check_head
+from ..methods.reference import Reference, build_reference
+from ..model import adapters
+from ..model.device import Runtime, make_runtime
+from ..model.load import load_model_and_tokenizer, model_identity
+from ..model.unwrap import unwrap
 from .loop import Trainer, TrainState
+from .parallel import SingleProcess, setup_parallel
 from .rundir import RunDir, data_hash
 from .session import run_loop
+from .source import Collator, PlannedSource, eval_batches, planned_items
 
 
 @dataclass
@@ -63,18 +76,15 @@ def base_dtype(cfg: RunConfig, precision: str) -> str:
 def train(cfg: RunConfig, console: Console | None = None, progress: bool = True, resume: str | None = None,
           trackers=None) -> Run:
     """Run a whole config: one stage, or each of `stages` in order. With `resume` ("auto" or a checkpoint
-    folder), finished stages are kept and the interrupted one continues from its newest complete checkpoint."""
+    folder), finished stages are kept and the interrupted one continues from its newest complete checkpoint.
+    `trackers` (train/trackers.py) receive every stage's metrics."""
     console = console or make_console()
     if not cfg.stages:
         return train_stage(cfg, cfg.run_dir, console, progress, resume, trackers)
     runs: list[Run] = []
     from_adapter = cfg.adapter.from_adapter
-    for i, stage_cfg in enumerate(stage_configs(cfg)):
-        if from_adapter and stage_cfg.adapter.kind == "full":
-            stage_cfg = stage_cfg.model_copy(update={"model": str(from_adapter)})  # a full checkpoint
-        elif from_adapter:
-            stage_cfg = stage_cfg.model_copy(update={"adapter": stage_cfg.adapter.model_copy(
-                update={"from_adapter": str(from_adapter)})})
+    for i in range(len(cfg.stages)):
+        stage_cfg = _continuing(stage_config(cfg, i), from_adapter)
         name = cfg.stages[i].name or f"{i + 1}-{stage_cfg.method}"
         console.print(f"[bold]stage {i + 1}/{len(cfg.stages)}[/bold]: {name} ({stage_cfg.method})")
         stage_dir = cfg.run_dir / "stages" / name
@@ -88,6 +98,20 @@ def train(cfg: RunConfig, console: Console | None = None, progress: bool = True,
             run = train_stage(stage_cfg, stage_dir, console, progress, resume, trackers, stage=name)
         runs.append(run)
         from_adapter = run.adapter
+    return _finish_stages(cfg, runs)
+
+
+def _continuing(stage_cfg: RunConfig, from_adapter: str | Path | None) -> RunConfig:
+    """A stage that starts where the previous one ended: from its adapter, or its full checkpoint."""
+    if not from_adapter:
+        return stage_cfg
+    if stage_cfg.adapter.kind == "full":
+        return stage_cfg.model_copy(update={"model": str(from_adapter)})
+    return stage_cfg.model_copy(update={"adapter": stage_cfg.adapter.model_copy(
+        update={"from_adapter": str(from_adapter)})})
+
+
+def _finish_stages(cfg: RunConfig, runs: list[Run]) -> Run:
     final = RunDir(cfg.run_dir)
     final.write_config(cfg)
     if final.adapter.exists():
@@ -98,44 +122,56 @@ def train(cfg: RunConfig, console: Console | None = None, progress: bool = True,
     return Run(cfg.run_dir, cfg, runs[-1].state, info, runs)
 
 
-def stage_configs(cfg: RunConfig) -> list[RunConfig]:
-    """Expand `stages:` into one full RunConfig per stage (unset fields inherit from the top level)."""
-    out = []
-    for st in cfg.stages:
-        data = cfg.data
-        if isinstance(st.data, str):
-            data = cfg.data.model_copy(update={"train": st.data, "eval": None})
-        elif isinstance(st.data, DataConfig):
-            data = st.data
-        train_cfg = TrainConfig.model_validate({**cfg.train.model_dump(), **st.train})
-        margs = cfg.method_args.model_copy(update={**st.method_args, **({"beta": st.beta} if st.beta else {})})
-        out.append(cfg.model_copy(update={"method": st.method, "data": data, "train": train_cfg,
-                                          "method_args": margs, "stages": []}))
-    return out
+# ---------------------------------------------------------------- one stage, in named steps
+
+@dataclass
+class Stage:
+    """Everything one stage's loop needs, built by `prepare_stage` (benchmarks reuse it)."""
+
+    cfg: RunConfig
+    rt: Runtime
+    parallel: SingleProcess
+    run: RunDir
+    method: Method
+    train_ds: Dataset
+    model: torch.nn.Module
+    tokenizer: Any
+    items: list
+    eval_items: list | None
+    render_stats: dict
+    trainer: Trainer
+    reference: Reference | None
 
 
 def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool = True,
                 resume: str | None = None, trackers=None, stage: str | None = None) -> Run:
-    from ..data.load import load_data, write_rejects
-    from ..data.render import Renderer
-    from ..model.adapters import (
-        apply_adapter,
-        format_summary,
-        load_adapter,
-        save_adapter,
-        trainable_summary,
-    )
-    from ..model.load import load_model_and_tokenizer, model_identity
-
     started = time.time()
-    rt = make_runtime(cfg.device, cfg.precision, cfg.threads)
-    run = RunDir(run_path, rt.is_main)
+    st = prepare_stage(cfg, run_path, console, progress)
     if trackers is not None:
-        trackers.attach(run, rt, stage)  # train.report_to: mirrors metrics.jsonl
+        trackers.attach(st.run, st.rt, stage)  # train.report_to: mirrors metrics.jsonl
+    extra = {"reference_key": getattr(st.reference, "key", None)}
+    state = run_loop(st.trainer, st.run, cfg, console, progress, resume, extra, examples=len(st.items))
+    return finish_stage(st, state, console, time.time() - started)
+
+
+def prepare_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool = True) -> Stage:
+    rt = make_runtime(cfg.device, cfg.precision, cfg.threads)
+    parallel = setup_parallel()
+    run = RunDir(run_path, rt.is_main)
     run.write_config(cfg)
     seed_everything(cfg.train.seed)
     method = get_method(cfg.method, cfg.method_args)
+    train_ds, eval_ds = setup_data(cfg, method, run, console)
+    shown = progress and rt.is_main  # the phases' progress bars
+    model, tokenizer = setup_model(cfg, rt, console, progress=shown)
+    items, eval_items, stats = render_items(cfg, method, tokenizer, train_ds, eval_ds, console, progress=shown)
+    trainer, reference = setup_trainer(cfg, method, model, tokenizer, items, eval_items, rt, parallel, console,
+                                       progress=shown)
+    return Stage(cfg, rt, parallel, run, method, train_ds, model, tokenizer, items, eval_items, stats, trainer,
+                 reference)
 
+
+def setup_data(cfg: RunConfig, method: Method, run: RunDir, console: Console) -> tuple[Dataset, Dataset | None]:
     train_ds, eval_ds = load_data(cfg.data, cfg.train.seed)
     if train_ds.kind != method.example_kind:
         raise TunesmithError(
@@ -146,107 +182,120 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
     if train_ds.rejected:
         write_rejects(train_ds, run.path / "rejects.jsonl")
         console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
+    return train_ds, eval_ds
 
-    shown = progress and rt.is_main
-    with phase("load model", console=console, enabled=shown):
+
+def setup_model(cfg: RunConfig, rt: Runtime, console: Console, progress: bool = True
+                ) -> tuple[torch.nn.Module, Any]:
+    """The base model as the adapter kind needs it, with the adapter attached and the training layers set."""
+    with phase("load model", console=console, enabled=progress):
         model, tokenizer = load_model_and_tokenizer(
             cfg.model, device=rt.device, precision=rt.precision, dtype=base_dtype(cfg, rt.precision),
             quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
             quantize_embeddings=cfg.adapter.embeddings_in_4bit,
             trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.adapter.from_adapter:
-        model = load_adapter(model, cfg.adapter.from_adapter, trainable=True)
+        model = adapters.load_adapter(model, cfg.adapter.from_adapter, trainable=True)
     else:
-        model = apply_adapter(model, cfg.adapter)
+        model = adapters.apply_adapter(model, cfg.adapter)
     if cfg.train.grad_checkpointing:
-        from ..model.adapters import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model)
+        adapters.enable_gradient_checkpointing(model)
     choose_attention(model, rt, cfg.train.fused)  # before compiling: it swaps module forwards
+    check_head(model)  # the chunked LM head reproduces this model's own log-probs, or the run stops here
     if cfg.train.compile:
-        from ..model.adapters import compile_layers
-
-        compile_layers(model)
-    summary = trainable_summary(model)
+        adapters.compile_layers(model)
     if rt.is_main:
-        console.print(format_summary(summary))
+        console.print(adapters.format_summary(adapters.trainable_summary(model)))
+    return model, tokenizer
 
-    renderer = Renderer(tokenizer, cfg.data.max_length, cfg.data.truncation, cfg.data.train_on,
-                        cfg.data.system_prompt)
+
+def render_items(cfg: RunConfig, method: Method, tokenizer: Any, train_ds: Dataset, eval_ds: Dataset | None,
+                 console: Console, progress: bool = True) -> tuple[list, list | None, dict]:
+    d = cfg.data
+    renderer = Renderer(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
     n_examples = len(train_ds.examples) + (len(eval_ds.examples) if eval_ds is not None else 0)
-    with phase("tokenise", n_examples, console, "examples", enabled=shown):
+    with phase("tokenise", n_examples, console, "examples", enabled=progress):
         items = [x for x in (method.render(renderer, ex) for ex in counted(train_ds.examples)) if x is not None]
-        train_stats = renderer.stats.as_dict()
-        eval_items = None
+        stats = renderer.stats.as_dict()
+        rendered_eval = None
         if eval_ds is not None:
-            eval_items = [x for x in (method.render(renderer, ex) for ex in counted(eval_ds.examples))
-                          if x is not None]
-    _report_render(console, train_stats, cfg)
-    if cfg.method == "kto":
-        items, eval_items = _kto_items(items, eval_items, cfg.train.micro_batch_size, console)
+            rendered_eval = [x for x in (method.render(renderer, ex) for ex in counted(eval_ds.examples))
+                             if x is not None]
+    _report_render(console, stats, cfg)
+    items, note = method.prepare(items, cfg.train.micro_batch_size, "train")
+    notes = [note]
+    eval_items = None
+    if rendered_eval is not None:
+        eval_items, note = method.prepare(rendered_eval, cfg.train.micro_batch_size, "eval")
+        notes.append(note)
+    for note in filter(None, notes):
+        console.print(f"[yellow]{note}")
+    if not items:
+        raise TunesmithError("no training examples left after rendering", "check `tunesmith data check`")
+    return items, eval_items, stats
 
+
+def setup_trainer(cfg: RunConfig, method: Method, model: torch.nn.Module, tokenizer: Any, items: list,
+                  eval_items: list | None, rt: Runtime, parallel: SingleProcess, console: Console,
+                  progress: bool = True) -> tuple[Trainer, Reference | None]:
+    t = cfg.train
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pack = pack_setting(t.packing, t.pack_length)
+    plan = BatchPlan.from_config([method.length(x) for x in items], t, parallel.world_size)
+    collator = Collator(method, pad_id, pack, rt.device)
     reference = None
     if method.needs_reference:
-        from ..methods.reference import build_reference
+        reference = build_reference(model, method, planned_items(plan, items, eval_items, t.micro_batch_size),
+                                    cfg, rt, tokenizer, pack, console, progress=advance if progress else None)
+    eval_source = None
+    if eval_items:
+        def eval_source():
+            return eval_batches(eval_items, t.micro_batch_size, collator, parallel.rank, parallel.world_size)
+    trainer = Trainer(parallel.wrap(model), method, PlannedSource(plan, items, collator, parallel.rank), t, rt,
+                      _optimizer(model, cfg), reference=reference, eval_source=eval_source, parallel=parallel)
+    return trainer, reference
 
-        reference = build_reference(model, method, items, eval_items, cfg, rt, tokenizer, run.path, console)
 
-    optimizer = _optimizer(model, cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(model, method, items, cfg.train, rt, pad_id, optimizer, eval_items=eval_items,
-                      reference=reference, pack_length=pack_setting(cfg.train.packing, cfg.train.pack_length))
-    extra = {"reference_key": getattr(reference, "key", None)}
-    state = run_loop(trainer, run, cfg, console, progress, resume, extra)
-
+def finish_stage(st: Stage, state: TrainState, console: Console, seconds: float) -> Run:
+    cfg, rt = st.cfg, st.rt
     if rt.is_main:
-        save_adapter(model, run.adapter)
-        tokenizer.save_pretrained(run.adapter)
+        adapters.save_adapter(st.model, st.run.adapter)
+        st.tokenizer.save_pretrained(st.run.adapter)
+    warnings = st.method.diagnose(state.history)
+    for w in warnings:
+        console.print(f"[yellow]warning: {w}", soft_wrap=True, highlight=False)
     info = {
         "name": cfg.name, "method": cfg.method, "model": cfg.model, "adapter_kind": cfg.adapter.kind,
         "base_dtype": base_dtype(cfg, rt.precision), "double_quant": cfg.adapter.double_quant,
         "quantize_embeddings": cfg.adapter.embeddings_in_4bit,
         "base_model": model_identity(cfg.model, cfg.revision),
-        "data": {"train": cfg.data.train, "format": train_ds.format, "examples": len(train_ds.examples),
-                 "sha256": data_hash(train_ds.files), "render": train_stats,
-                 "eval_examples": len(eval_items or [])},
-        "trainable": summary, "state": state.as_dict(), "steps": trainer.total_steps,
-        "wall_time_s": round(time.time() - started, 2), "device": str(rt.device), "precision": rt.precision,
-        "final": state.history[-1] if state.history else {}, "complete": True,
+        "data": {"train": cfg.data.train, "format": st.train_ds.format, "examples": len(st.train_ds.examples),
+                 "sha256": data_hash(st.train_ds.files), "render": st.render_stats,
+                 "eval_examples": len(st.eval_items or [])},
+        "trainable": adapters.trainable_summary(st.model), "state": state.as_dict(),
+        "steps": st.trainer.total_steps, "wall_time_s": round(seconds, 2), "device": str(rt.device),
+        "precision": rt.precision, "final": state.history[-1] if state.history else {}, "warnings": warnings,
+        "complete": True,
     }
-    if reference is not None:
-        info["reference"] = {"key": reference.key, "cache_hit": reference.cache_hit,
-                             "path": str(reference.path) if reference.path else None}
-    run.write_run_json(info)
+    if st.reference is not None:
+        info["reference"] = {"key": st.reference.key, "cache_hit": st.reference.cache_hit,
+                             "path": str(st.reference.path) if st.reference.path else None}
+    st.run.write_run_json(info)
     if rt.is_main:
         from .report import write_run_report
 
-        write_run_report(run.path)
-    return Run(run.path, cfg, state, info)
+        write_run_report(st.run.path)
+    st.parallel.close()
+    return Run(st.run.path, cfg, state, info)
 
 
 def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    from ..model.adapters import optimizer_param_groups
-
-    groups = optimizer_param_groups(model, cfg.adapter, cfg.train.lr, cfg.train.weight_decay)
+    groups = adapters.optimizer_param_groups(model, cfg.adapter, cfg.train.lr, cfg.train.weight_decay)
     if cfg.train.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=cfg.train.lr)
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def _kto_items(items: list, eval_items: list | None, micro_batch_size: int, console: Console):
-    """KTO cannot score a micro-batch of one example; leave out a single example left over."""
-    from ..methods.preference import drop_lone_example
-
-    items, dropped = drop_lone_example(items, micro_batch_size, "training")
-    if eval_items:
-        eval_items, dropped_eval = drop_lone_example(eval_items, micro_batch_size, "eval")
-        dropped += dropped_eval
-    if dropped:
-        console.print(f"[yellow]kto: left out {dropped} example(s) that would have formed a micro-batch of one "
-                      f"(micro_batch_size={micro_batch_size})")
-    return items, eval_items
 
 
 def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
@@ -267,7 +316,6 @@ def choose_attention(model: torch.nn.Module, rt, fused: bool = True) -> str:
     2.1 s against 1.0 s), while the matmul attention's memory grows with the square of the row length.
     Otherwise (CUDA, or fused off): SDPA. All of them read the same additive mask."""
     from ..model.fused import MATMUL_ATTENTION_MAX_ROW, fuse, register_attention
-    from ..model.unwrap import unwrap
 
     base = unwrap(model)
     if getattr(base.config, "_attn_implementation", None) not in ("sdpa", "eager"):

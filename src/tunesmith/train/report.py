@@ -118,7 +118,10 @@ def _facts(info: dict, records: list[dict]) -> list[tuple[str, str]]:
         facts.append(("wall time", f"{info['wall_time_s']} s"))
     ref = info.get("reference")
     if ref:
-        facts.append(("reference log-probs", f"{ref['key'][:16]}… ({'cache hit' if ref.get('cache_hit') else 'computed'})"))
+        facts.append(("reference log-probs", "live (computed each step)" if not ref.get("key") else
+                      f"{ref['key'][:16]}… ({'cache hit' if ref.get('cache_hit') else 'computed'})"))
+    for warning in info.get("warnings") or []:
+        facts.append(("warning", warning))
     skipped = sum(1 for r in records if r.get("skipped"))
     if skipped:
         facts.append(("skipped steps (non-finite)", str(skipped)))

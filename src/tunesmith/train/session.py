@@ -56,22 +56,21 @@ def stop_on_signals(trainer: Trainer):
 
 
 def run_loop(trainer: Trainer, run: RunDir, cfg: RunConfig, console: Console, progress: bool,
-             resume: str | None = None, extra_state: dict | None = None) -> TrainState:
+             resume: str | None = None, extra_state: dict | None = None, examples: int = 0) -> TrainState:
     root = run.path / "checkpoints"
     start = resolve_resume(run.path, resume)
     if start is not None:
-        checkpoint.load(trainer, start)
+        checkpoint.load(trainer.components(), start)
         console.print(f"resumed from {start} (step {trainer.state.step} of {trainer.total_steps})")
-        run.log({"event": "start", "total_steps": trainer.total_steps, "examples": len(trainer.items)}, truncate=True)
-        for record in trainer.state.history:
-            run.log(record)
-    else:
-        run.log({"event": "start", "total_steps": trainer.total_steps, "examples": len(trainer.items)}, truncate=True)
+    run.log({"event": "start", "total_steps": trainer.total_steps, "examples": examples}, truncate=True)
+    for record in trainer.state.history:
+        run.log(record)
 
     def save() -> Path | None:
         if not run.is_main:
             return None
-        return checkpoint.save(trainer, root, extra_state, keep_last=cfg.train.keep_last)
+        return checkpoint.save(trainer.components(extra_state), root, trainer.state.step,
+                               keep_last=cfg.train.keep_last)
 
     with TrainProgress(trainer.total_steps, console, enabled=progress and run.is_main, label=cfg.method) as bar:
         def on_record(record: dict) -> None:

@@ -1,0 +1,197 @@
+"""The typed schema for a run: one pydantic section per component, extra keys forbidden."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"]
+AdapterKind = Literal["lora", "rslora", "dora", "qlora", "full"]
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str | list[str] | None = None
+    eval: str | list[str] | None = None
+    eval_split: float = Field(0.0, ge=0.0, lt=1.0)
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference",
+                    "preference_implicit", "hh_rlhf", "kto"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    split: str | None = None  # hub datasets: which split
+    max_length: int = Field(1024, ge=8)
+    truncation: Literal["right", "left", "drop"] = "right"
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    system_prompt: str | None = None
+    skip_invalid: bool = False
+    max_examples: int | None = Field(None, ge=1)
+
+
+class AdapterConfig(Section):
+    kind: AdapterKind = "lora"
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target: str | list[str] = "all-linear"  # all-linear | attention | mlp | [names]
+    modules_to_save: list[str] = Field(default_factory=list)
+    lora_plus_ratio: float | None = Field(None, gt=0)  # LoRA+: lr of B = ratio * lr
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    double_quant: bool = True  # QLoRA
+    # QLoRA: also store the input embedding and output head in NF4. None (unset) = on for qlora.
+    quantize_embeddings: bool | None = None
+    from_adapter: str | None = None  # start from an existing adapter dir (e.g. an SFT run)
+    use_dora: bool = False  # DoRA magnitudes on top of lora/rslora/qlora (kind: dora is lora + this)
+    use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) on top of lora/dora/qlora
+
+    @property
+    def dora(self) -> bool:
+        """DoRA magnitudes: `kind: dora`, or `use_dora` on another LoRA kind."""
+        return self.kind == "dora" or self.use_dora
+
+    @property
+    def rslora(self) -> bool:
+        """Rank-stabilised scale alpha / sqrt(r): `kind: rslora`, or `use_rslora` on another LoRA kind."""
+        return self.kind == "rslora" or self.use_rslora
+
+    @property
+    def embeddings_in_4bit(self) -> bool:
+        """Whether the base's embedding and output head are stored in NF4: qlora, unless switched off."""
+        return self.kind == "qlora" and self.quantize_embeddings is not False
+
+
+class MethodConfig(Section):
+    beta: float | None = Field(None, gt=0)  # None: the method's own default (methods/preference.py)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    orpo_lambda: float = Field(0.1, gt=0)
+    simpo_gamma: float = Field(0.5, ge=0)
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+    # weight of the chosen answer's per-token NLL added to a preference loss (RPO; TRL's rpo_alpha)
+    sft_weight: float = Field(0.0, ge=0)
+    dpop_lambda: float = Field(0.0, ge=0)  # DPO-Positive: penalise the chosen log-prob falling below the reference
+    # precomputed: one pass before training, cached on disk; live: computed each step (no cache, no pre-pass)
+    reference: Literal["precomputed", "live"] = "precomputed"
+    reference_cache: bool = True
+    # paired methods: compute the prompt that chosen and rejected share once (exact; off = two full sequences)
+    share_prompt: bool = True
+
+
+_REFERENCE_KEYS = {"reference", "reference_cache"}
+# The method_args each method reads; setting any other one is an error (it would be silently ignored).
+METHOD_ARGS: dict[str, set[str]] = {
+    "sft": set(),
+    "dpo": {"beta", "label_smoothing", "sft_weight", "dpop_lambda", "share_prompt"} | _REFERENCE_KEYS,
+    "ipo": {"beta", "sft_weight", "share_prompt"} | _REFERENCE_KEYS,
+    "orpo": {"orpo_lambda", "share_prompt"},
+    "simpo": {"beta", "simpo_gamma", "label_smoothing", "sft_weight", "share_prompt"},
+    "kto": {"beta", "kto_desirable_weight", "kto_undesirable_weight"} | _REFERENCE_KEYS,
+}
+
+
+class TrainConfig(Section):
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    warmup_steps: int | None = Field(None, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    packing: bool = True
+    pack_length: int | None = Field(None, ge=8)
+    group_by_length: bool = True
+    logits_chunk: int = Field(1024, ge=1)
+    grad_checkpointing: bool = False
+    compile: bool = False
+    fused: bool = True  # model/fused.py: RMSNorm, SwiGLU and CPU attention that save less for backward
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    eval_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+    skip_nonfinite: int = Field(0, ge=0)
+    ignore_plan: bool = False  # train even when `tunesmith plan` says the run cannot fit its device
+    report_to: list[Tracker] = Field(default_factory=list)  # experiment trackers (train/trackers.py)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, v: Any) -> Any:
+        return [] if v in (None, "none") else [v] if isinstance(v, str) else v
+
+
+class EvalConfig(Section):
+    data: str | None = None
+    candidates: list[str] = Field(default_factory=lambda: ["base", "base+fewshot:5", "tuned"])
+    metrics: list[str] = Field(default_factory=lambda: ["exact"])
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+    fewshot_seed: int = 0
+    require_win: bool = False
+    judge: str | None = None
+    regression: str | None = None
+
+
+class StageConfig(Section):
+    """One stage of a multi-stage run; unset fields inherit from the run's top-level config."""
+
+    name: str | None = None
+    method: Method = "sft"
+    data: DataConfig | str | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
+    beta: float | None = Field(None, gt=0)
+    method_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    model: str = "default"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    threads: Literal["auto"] | int = "auto"  # CPU threads for torch: auto = measured once per machine
+    method: Method = "sft"
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    method_args: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig | None = None
+    stages: list[StageConfig] = Field(default_factory=list)
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _adapter_shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def stage_config(cfg: RunConfig, i: int) -> RunConfig:
+    """Stage i of `stages:` as a full RunConfig: what the stage sets over the top level. The stage's `train`
+    and `method_args` are validated with the same sections as the top level (pydantic ValidationError)."""
+    st = cfg.stages[i]
+    data = cfg.data
+    if isinstance(st.data, str):
+        data = cfg.data.model_copy(update={"train": st.data, "eval": None})
+    elif isinstance(st.data, DataConfig):
+        data = st.data
+    train = TrainConfig.model_validate({**cfg.train.model_dump(exclude_unset=True), **st.train})
+    margs = MethodConfig.model_validate({**cfg.method_args.model_dump(exclude_unset=True), **stage_method_args(st)})
+    return cfg.model_copy(update={"method": st.method, "data": data, "train": train, "method_args": margs,
+                                  "stages": []})
+
+
+def stage_method_args(st: StageConfig) -> dict[str, Any]:
+    """The method_args a stage sets itself (`beta:` is a shorthand for `method_args.beta`)."""
+    return {**st.method_args, **({"beta": st.beta} if st.beta is not None else {})}
