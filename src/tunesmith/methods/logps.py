@@ -150,13 +150,13 @@ def sequence_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> S
     return SeqLogps(total, count)
 
 
-@torch.no_grad()
 def _rows(layer: torch.nn.Module) -> int:
     """The token count of an embedding or head, read from the module, not its weight: a 4-bit weight is packed."""
     base = getattr(layer, "base_layer", layer)  # a PEFT-wrapped layer
     return getattr(base, "num_embeddings", None) or getattr(base, "out_features", None) or base.weight.shape[0]
 
 
+@torch.no_grad()  # a comparison, not a training forward (with grad, torch warns on reading the gap)
 def check_head(model: torch.nn.Module, n_tokens: int = 24, tolerance: float = 0.05) -> None:
     """Compare tunesmith's per-token log-probs with the model's own forward on a short random sequence and
     refuse the model when they differ (its forward does something after the head that the chunked head
