@@ -288,7 +288,8 @@ class Trackers:
         self.cfg, self.names = cfg, list(dict.fromkeys(cfg.train.report_to))
         self.console = console or make_console()
         self.backends: list[Backend] = []
-        self.opened, self.opened_at = False, 0.0
+        self.opened = False
+        self.started = time.time() - 1.0  # the run's files are newer than this (file times may be rounded down)
         self.totals: dict[str | None, int] = {}  # steps of each stage seen, in order
         self.last_step = 0
         self.pending: list[tuple[Path, str]] = []  # finished stages to replay when the trackers open
@@ -332,7 +333,7 @@ class Trackers:
         root = self.cfg.run_dir
 
         def fresh(path: Path) -> bool:  # written by this run, not left by an earlier run of the same name
-            return path.is_file() and path.stat().st_mtime >= self.opened_at
+            return path.is_file() and path.stat().st_mtime >= self.started
 
         summary = _read_json(root / "run.json").get("eval") if fresh(root / "run.json") else None
         if summary:
@@ -346,7 +347,6 @@ class Trackers:
     def _open(self) -> None:
         config_text = dump_config(self.cfg)
         self.opened = True  # set first: when a later tracker fails to open, finish() closes the earlier ones
-        self.opened_at = time.time() - 1.0  # file times may be rounded down to the second
         for name in self.names:
             backend = BACKENDS[name](self.cfg, config_text)
             self.backends.append(backend)
