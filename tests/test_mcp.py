@@ -67,8 +67,11 @@ def test_a_client_checks_trains_evaluates_and_exports(tiny_dir, tmp_path):
             assert kind == "ok" and report["examples"] == 13 and report["error_count"] == 0
             assert any(f["code"] == "exact_duplicates" for f in report["findings"]), report["findings"]
 
-            kind, text = await call(client, "plan", config="config.yaml")
-            assert kind == "error" and "planning is not available" in text
+            kind, planned = await call(client, "plan", config="config.yaml")
+            assert kind == "ok" and planned["fits"] is True and planned["device"] == "cpu", planned
+            assert planned["data"]["steps"] == 4 and planned["verdict"] in planned["text"]
+            kind, text = await call(client, "plan", config="config.yaml", nproc=0)
+            assert kind == "error" and "at least one process" in text and "hint:" in text
 
             kind, text = await call(client, "train", config="config.yaml", overrides=["train.lr=-1"])
             assert kind == "error" and "train.lr" in text  # the config's problem, before any job starts

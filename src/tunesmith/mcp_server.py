@@ -156,23 +156,18 @@ def data_check(data: str | list[str], model: str | None = None, eval_data: str |
     return _plain({**report.to_dict(), "error_count": len(report.errors), "warning_count": len(report.warnings)})
 
 
-def plan(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Estimate what a run config needs before training it: memory, time and cost per device."""
-    from .config import load_config
+def plan(config: str, overrides: list[str] | None = None, device: str | None = None, nproc: int = 1,
+         parallel: str = "auto", calibrate: bool = False) -> dict[str, Any]:
+    """Before training: a run config's memory per device (by part), time and cost, and whether it fits
+    `device` ("cpu", "cuda", or a device of the price table such as "h100-80gb"; default: the config's), with
+    the changes that make it fit. `nproc` GPUs with `parallel` "ddp" or "fsdp"; `calibrate` measures a few real
+    training steps on this machine instead of assuming a utilisation. `text` is the plan as `tunesmith plan`
+    prints it."""
+    from .api import plan as plan_run
+    from .plan.report import format_plan
 
-    try:
-        from . import plan as planner  # type: ignore[attr-defined]
-    except ImportError:
-        raise TunesmithError("planning is not available in this version of tunesmith (no tunesmith.plan module)",
-                             "train with a small train.max_steps first to measure the speed") from None
-    if not callable(getattr(planner, "plan", None)):
-        raise TunesmithError("planning is not available in this version of tunesmith (tunesmith.plan has no plan())",
-                             "train with a small train.max_steps first to measure the speed")
-    result = planner.plan(load_config(config, overrides or []))
-    for convert in ("to_dict", "model_dump"):
-        if hasattr(result, convert):
-            return _plain(getattr(result, convert)())
-    return _plain(result)
+    result = plan_run(config, overrides or [], device=device, nproc=nproc, parallel=parallel, calibrate=calibrate)
+    return _plain({**result.as_dict(), "text": format_plan(result)})
 
 
 def train(config: str, overrides: list[str] | None = None, resume: str | None = None) -> dict[str, Any]:
