@@ -148,7 +148,7 @@ def test_train_in_a_log_reads_well(tiny_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.splitlines()
     starts = [line.split(":")[0] for line in lines]
-    for want in ("load model", "tokenise", "train sft", "eval base", "eval tuned", "done"):
+    for want in ("plan", "load model", "tokenise", "train sft", "eval base", "eval tuned", "done"):
         assert want in starts, (want, done.stderr)
     assert starts.count("load model") == 2  # training, then the eval's model
     assert not [line for line in lines if "Warning" in line or "it/s]" in line or "warnings.warn" in line]

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 
 from .config import RunConfig, load_config, parse_config
-from .console import make_console, quiet
+from .console import make_console, phase, quiet
 from .eval.run import EvalResult
 from .eval.run import evaluate as _evaluate
 from .plan import Plan
@@ -54,7 +54,7 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     cfg = _as_config(config, overrides)
     console = console or make_console()
     with quiet(verbose):
-        planned = _plan_before_training(cfg, console, force)
+        planned = _plan_before_training(cfg, console, force, progress)
         with Trackers(cfg, console) as trackers:  # trackers finish after the eval
             run = run_training(cfg, console=console, progress=progress, resume=resume, trackers=trackers)
             if planned is not None:
@@ -72,7 +72,8 @@ def evaluate(*args: Any, verbose: bool | None = None, **kwargs: Any) -> EvalResu
         return _evaluate(*args, **kwargs)
 
 
-def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool) -> Plan | None:
+def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool, progress: bool = True
+                          ) -> Plan | None:
     """Plan the run on the device it will use, print the verdict, refuse what cannot fit."""
     import os
 
@@ -87,7 +88,8 @@ def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool) 
         return None
     world, main = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)) == 0
     try:
-        planned = plan_run(cfg, nproc=world, parallel=getattr(cfg.train, "parallel", "auto"))
+        with phase("plan", console=console, enabled=progress and main):
+            planned = plan_run(cfg, nproc=world, parallel=getattr(cfg.train, "parallel", "auto"))
     except TunesmithError:
         raise
     except Exception as e:  # noqa: BLE001 - a plan that cannot be made must not stop a run the user started
