@@ -55,6 +55,7 @@ class Job:
         steps = [r for r in records if "step" in r]
         start = next((r for r in reversed(records) if r.get("event") == "start"), {})
         out: dict[str, Any] = {"job": self.id, "state": self.state(), "exit_code": self.process.poll(),
+                               "pid": self.process.pid,
                                "run": str(self.run), "log": str(self.log),
                                "elapsed_s": round(time.time() - self.started, 1),
                                "step": steps[-1]["step"] if steps else 0, "total_steps": start.get("total_steps")}
