@@ -154,3 +154,25 @@ def test_train_in_a_log_reads_well(tiny_dir, tmp_path):
     assert not [line for line in lines if "Warning" in line or "it/s]" in line or "warnings.warn" in line]
     assert not [line for line in lines if line.startswith("warning:")]  # none from tunesmith's calls either
     assert lines[starts.index("train sft")].startswith("train sft: step 1/2  loss ")
+
+
+def test_a_preference_run_shows_its_plan_and_reference_pass(tiny_dir, tmp_path):
+    """DPO in a log: the plan and the reference pass are phases too, the pass counting every example of the
+    planned micro-batches (9 pairs, 2 per micro-batch of 4 rows: the short last one counts too); progress=False
+    drops both."""
+    import tunesmith
+
+    rows = [{"prompt": f"hello {i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(9)]
+    (tmp_path / "pref.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = {"name": "pref", "method": "dpo", "model": str(tiny_dir), "output_dir": str(tmp_path / "runs"),
+           "device": "cpu", "precision": "fp32", "data": {"train": str(tmp_path / "pref.jsonl")},
+           "train": {"epochs": 1, "micro_batch_size": 4}, "method_args": {"reference_cache": False}}
+    shown, buf = log_console()
+    tunesmith.train(cfg, console=shown)
+    lines = buf.getvalue().splitlines()
+    passes = [line for line in lines if line.startswith("reference pass:")]
+    assert len(passes) == 1 and passes[0].startswith("reference pass: 9 examples in "), lines
+    assert any(re.fullmatch(r"plan: \d+\.\ds", line) for line in lines), lines
+    hidden, buf = log_console()
+    tunesmith.train(cfg, console=hidden, progress=False)
+    assert not [line for line in buf.getvalue().splitlines() if line.startswith(("plan:", "reference pass:"))]
