@@ -18,7 +18,7 @@ $(VENV)/.base:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.base pyproject.toml
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e ".[rag]"  # the demo's +rag:5 rung retrieves with BM25
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.base pyproject.toml
@@ -33,7 +33,8 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests bench examples
-	$(PY) -m pytest -q
+	$(PY) -c "from tunesmith.model.default import default_model_dir; default_model_dir()"  # convert once
+	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers, a test file each (module fixtures run once)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests bench

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .config import RunConfig, load_config, parse_config
+from .config import EvalConfig, RunConfig, load_config, parse_config
 from .console import make_console, phase, quiet
 from .eval.run import EvalResult
 from .eval.run import evaluate as _evaluate
@@ -48,6 +48,7 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
 
     Before loading the model the run is planned (`plan`) for the device it is about to use; a run the plan
     says cannot fit is refused unless `force=True` or `train.ignore_plan: true`."""
+    from .train.parallel import world_from_env
     from .train.recipe import train as run_training
     from .train.trackers import Trackers
 
@@ -59,7 +60,7 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
             run = run_training(cfg, console=console, progress=progress, resume=resume, trackers=trackers)
             if planned is not None:
                 _record_plan(run, planned)
-            if evaluate and cfg.eval is not None:
+            if evaluate and cfg.eval is not None and world_from_env()[0] == 0:  # under torchrun: rank 0 evaluates
                 from .eval.run import evaluate_run
 
                 run.info["eval"] = evaluate_run(run, console=console)
@@ -194,5 +195,5 @@ def serve_mcp() -> None:
     serve()
 
 
-__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "evaluate", "load_config", "open_adapters",
-           "open_model", "parse_config", "plan", "serve_mcp", "train"]
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "evaluate", "load_config",
+           "open_adapters", "open_model", "parse_config", "plan", "serve_mcp", "train"]

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
@@ -38,10 +39,10 @@ LIBRARIES = ("transformers", "peft", "torch", "datasets", "huggingface_hub", "ac
 _current: ContextVar[Phase | None] = ContextVar("tunesmith_phase", default=None)
 
 
-def make_console() -> Console:
+def make_console(quiet: bool = False) -> Console:
     """The console tunesmith reports on: stderr (stdout stays for results), no hard wraps, so a file:line in a
-    message stays whole in a log."""
-    return Console(stderr=True, soft_wrap=True)
+    message stays whole in a log. `quiet`: prints nothing (ranks other than 0)."""
+    return Console(stderr=True, soft_wrap=True, quiet=quiet)
 
 
 def is_verbose(verbose: bool | None = None) -> bool:
@@ -67,6 +68,7 @@ class Phase:
                  enabled: bool = True):
         self.label, self.total, self.console, self.unit, self.enabled = label, total, console, unit, enabled
         self.done = 0
+        self._lock = threading.Lock()  # endpoint answers arrive from worker threads
         self.started = self._last_line = time.monotonic()
         self.bar: Progress | None = None
         if enabled and live and console.is_terminal:
@@ -74,6 +76,10 @@ class Phase:
             self.task = self.bar.add_task(label, total=total, unit=unit, eta="…")
 
     def advance(self, n: int = 1) -> None:
+        with self._lock:
+            self._advance(n)
+
+    def _advance(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, eta=self._eta().removeprefix(", eta ") or "…")
@@ -154,6 +160,12 @@ def advance(n: int = 1) -> None:
     p = _current.get()
     if p is not None:
         p.advance(n)
+
+
+def advancer() -> Callable[[int], None]:
+    """`advance` bound to the phase open now, for worker threads (which do not see the open phase)."""
+    p = _current.get()
+    return p.advance if p is not None else (lambda n=1: None)
 
 
 def counted(items: Iterable[T]) -> Iterator[T]:

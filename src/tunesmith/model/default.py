@@ -69,6 +69,9 @@ def convert_gguf(src: Path, target: Path, identity: dict) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "tunesmith-model.json").write_text(json.dumps(identity, indent=2))
+        if (target / "tunesmith-model.json").exists():  # another process converted it meanwhile: keep theirs
+            shutil.rmtree(tmp)
+            return target
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -21,6 +21,7 @@ from ..errors import TrainingAborted
 from ..methods.base import Method
 from ..methods.reference import Reference
 from ..model.device import Runtime
+from ..model.unwrap import reshard
 from .checkpoint import Component, OptimizerState, RngState, TrainableWeights
 from .parallel import SingleProcess
 from .schedule import lr_factor, warmup_steps
@@ -41,15 +42,29 @@ class TrainState:
                 "skipped_nonfinite": self.skipped_nonfinite, "elapsed": self.elapsed}
 
 
+class Policy(torch.nn.Module):
+    """The method's policy log-probs of a batch as one module forward, so that DDP and FSDP2 (which hook a
+    module's forward) see the whole computation: the body, the chunked LM head and the log-softmax."""
+
+    def __init__(self, model: torch.nn.Module, method: Method, chunk: int):
+        super().__init__()
+        self.model, self.method, self.chunk = model, method, chunk
+
+    def forward(self, batch):
+        return self.method.policy_logps(self.model, batch, self.chunk)
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, method: Method, source: BatchSource, cfg: TrainConfig,
                  runtime: Runtime, optimizer: torch.optim.Optimizer, *, reference: Reference | None = None,
                  eval_source: Callable[[], Iterable[MicroBatch]] | None = None,
-                 parallel: SingleProcess | None = None,
+                 parallel: SingleProcess | None = None, policy: torch.nn.Module | None = None,
                  callbacks: Sequence[Callable[[Trainer, dict], None]] = ()):
+        """`policy`: the (wrapped) `Policy` module of `model`; built here when not given."""
         self.model, self.method, self.source, self.cfg, self.rt = model, method, source, cfg, runtime
         self.optimizer, self.reference, self.eval_source = optimizer, reference, eval_source
         self.parallel = parallel or SingleProcess()
+        self.policy = policy if policy is not None else self.parallel.wrap(Policy(model, method, cfg.logits_chunk))
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.total_steps = source.total_steps
@@ -62,7 +77,7 @@ class Trainer:
     # ---- one micro-batch -----------------------------------------------------------------------------
     def forward(self, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self.rt.autocast():
-            policy = self.method.policy_logps(self.model, mb.batch, self.cfg.logits_chunk)
+            policy = self.policy(mb.batch)
         ref = None
         if self.method.needs_reference:
             if self.reference is None:
@@ -76,22 +91,22 @@ class Trainer:
         step = self.state.step
         t0 = time.perf_counter()
         self.model.train()
-        mbs = self.source.step(step)
-        units = self.parallel.sum([float(sum(self.method.units(mb.batch) for mb in mbs))])[0]
+        mbs = self.source.step(step)  # padding micro-batches (weight 0) keep the ranks' collectives in step
+        units = self.parallel.sum([float(sum(self.method.units(mb.batch) * mb.weight for mb in mbs))])[0]
         total_loss = torch.zeros((), device=self.rt.device)
         sums: dict[str, torch.Tensor] = {}
         for k, mb in enumerate(mbs):
-            with self.parallel.accumulating(self.model, last=k == len(mbs) - 1):
+            with self.parallel.accumulating(self.policy, last=k == len(mbs) - 1):
                 loss_sum, metrics = self.forward(mb)
-                (loss_sum * self.parallel.world_size / max(units, 1)).backward()
-            total_loss += loss_sum.detach()
+                (loss_sum * (mb.weight * self.parallel.world_size / max(units, 1))).backward()
+            total_loss += loss_sum.detach() * mb.weight
             for name, v in metrics.items():
-                sums[name] = sums.get(name, 0) + v.detach().float()
+                sums[name] = sums.get(name, 0) + v.detach().float() * mb.weight
         grad_norm = self.parallel.clip(self.trainable, self.cfg.max_grad_norm)
         names = sorted(sums)
         reduced = self.parallel.sum([float(total_loss), *(float(sums[n]) for n in names),
-                                     float(sum(mb.batch.n_real_tokens for mb in mbs)),
-                                     float(sum(mb.batch.n_target_tokens for mb in mbs))])
+                                     float(sum(mb.batch.n_real_tokens * mb.weight for mb in mbs)),
+                                     float(sum(mb.batch.n_target_tokens * mb.weight for mb in mbs))])
         loss = reduced[0] / max(units, 1)
         record = {"step": step + 1, "epoch": round(self.source.epoch_at(step + 1), 4), "loss": loss,
                   "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -143,13 +158,14 @@ class Trainer:
         sums: dict[str, float] = {}
         for mb in self.eval_source():
             with self.rt.autocast():
-                policy = self.method.policy_logps(self.model, mb.batch, self.cfg.logits_chunk)
+                policy = self.policy(mb.batch)
             ref = self.reference("eval", mb.items, mb.batch) if self.method.needs_reference else None
             loss_sum, metrics = self.method.loss(policy, ref, mb.batch)
-            total += float(loss_sum)
-            units += self.method.units(mb.batch)
+            total += float(loss_sum) * mb.weight
+            units += self.method.units(mb.batch) * mb.weight
             for name, v in metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(v)
+                sums[name] = sums.get(name, 0.0) + float(v) * mb.weight
+        reshard(self.policy)
         names = sorted(sums)
         reduced = self.parallel.sum([total, units, *(sums[n] for n in names)])
         out = {"eval_loss": reduced[0] / max(reduced[1], 1)}
@@ -159,13 +175,18 @@ class Trainer:
     # ---- what a checkpoint holds ---------------------------------------------------------------------
     def components(self, extra: dict | None = None) -> dict[str, Component]:
         """Every part of the run a checkpoint saves and a resume restores, by file name."""
-        return {"trainable": TrainableWeights(self.model), "optimizer": OptimizerState(self.optimizer, self.model),
-                "rng": RngState(), "state": Progress(self, extra or {}), "source": SourceState(self.source)}
+        return {"trainable": TrainableWeights(self.model, self.policy, self.parallel),
+                "optimizer": OptimizerState(self.optimizer, self.model, self.policy, self.parallel),
+                "rng": RngState(self.parallel), "state": Progress(self, extra or {}),
+                "source": SourceState(self.source)}
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self, on_record: Callable[[dict], None] | None = None) -> TrainState:
         self._set_lr(self.state.step)
-        while self.state.step < self.total_steps and not self.stop_requested:
+        while self.state.step < self.total_steps:
+            self.stop_requested = self.parallel.any(self.stop_requested)  # every rank stops at the same step
+            if self.stop_requested:
+                break
             record = self.train_step()
             every = self.cfg.eval_every
             if every and (self.state.step % every == 0 or self.state.step == self.total_steps):
