@@ -152,7 +152,9 @@ def test_train_in_a_log_reads_well(tiny_dir, tmp_path):
         assert want in starts, (want, done.stderr)
     assert starts.count("load model") == 2  # training, then the eval's model
     assert not [line for line in lines if "Warning" in line or "it/s]" in line or "warnings.warn" in line]
-    assert not [line for line in lines if line.startswith("warning:")]  # none from tunesmith's calls either
+    # none from tunesmith's calls into the libraries either (the eval's own notes on cut-off answers are fine:
+    # a tiny model's answers run to max_new_tokens)
+    assert not [line for line in lines if line.startswith("warning:") and "max_new_tokens" not in line]
     assert lines[starts.index("train sft")].startswith("train sft: step 1/2  loss ")
 
 
