@@ -89,9 +89,11 @@ def test_a_client_checks_trains_evaluates_and_exports(tiny_dir, tmp_path):
             assert [j["job"] for j in listed_jobs["result"]] == [started["job"]]
 
             kind, summary = await call(client, "evaluate", data="test.jsonl", candidates=["base", "runs/mcp-run"],
-                                       metrics=["exact", "loss"], max_new_tokens=3)
+                                       metrics=["exact", "loss"], max_new_tokens=3, settings={"batch_size": 2})
             assert kind == "ok" and summary["n"] == 4, summary
             assert set(summary["scores"]) == {"exact", "loss"} and summary["verdicts"]
+            kind, text = await call(client, "evaluate", data="test.jsonl", settings={"batch_sise": 2})
+            assert kind == "error" and "eval.batch_sise" in text  # settings reach the eval's config check
             on_disk = json.loads((run / "run.json").read_text())["eval"]["scores"]["exact"]
             assert summary["scores"]["exact"]["base"] == on_disk["base"]  # the same eval, two ways
 

@@ -198,16 +198,20 @@ def jobs() -> list[dict[str, Any]]:
 
 
 def evaluate(data: str, candidates: list[str] | None = None, metrics: list[str] | None = None,
-             base: str | None = None, train_data: str | None = None, out_dir: str | None = None,
-             max_examples: int | None = None, max_new_tokens: int = 64, batch_size: int = 16) -> dict[str, Any]:
-    """Compare candidates on held-out data (JSONL with reference answers): "base", "base+fewshot:5", or run
-    folders such as "runs/my-run". Metrics: exact, loss, choice, json, ... Returns each candidate's score with
-    a 95% interval, paired comparisons with p-values, and verdict lines; reports go to out_dir when given."""
+             base: str | None = None, train_data: str | None = None, out: str | None = None,
+             max_examples: int | None = None, max_new_tokens: int | str = "auto",
+             settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compare candidates on held-out data (JSONL with reference answers), cheapest first: "knn:5", "base",
+    "base+labels", "base+fewshot:5", "base+rag:5", run folders such as "runs/my-run", OpenAI-compatible
+    endpoints. Metrics: exact, loss, choice, f1, json_fields, ... `settings`: any other key of a config's eval:
+    section (docs/config.md), e.g. {"batch_size": 8, "require_worth": true}. Returns each candidate's score with
+    a 95% interval, paired comparisons with p-values, cost per query, verdict lines and whether fine-tuning was
+    worth it; reports go to `out` when given."""
     from .api import evaluate as run_eval
 
-    result = run_eval(data, candidates or ["base"], metrics or ["exact"], base=base, train_data=train_data,
-                      out_dir=out_dir, max_examples=max_examples, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size)
+    chosen = {"candidates": candidates or ["base"], "metrics": metrics or ["exact"], "base": base,
+              "train_data": train_data, "out": out, "max_examples": max_examples, "max_new_tokens": max_new_tokens}
+    result = run_eval(data, {**(settings or {}), **{k: v for k, v in chosen.items() if v is not None}})
     return _plain(result.summary())
 
 
