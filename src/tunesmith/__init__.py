@@ -26,9 +26,10 @@ from .api import (  # noqa: E402
     parse_config,
     plan,
     push,
+    serve_mcp,
     train,
 )
 
 __all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "check_data",
            "evaluate", "export_run", "load_config", "open_adapters", "open_model", "parse_config", "plan", "push",
-           "train"]
+           "serve_mcp", "train"]

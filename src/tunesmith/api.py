@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from .config import EvalConfig, RunConfig, load_config, parse_config
-from .eval.run import EvalResult, evaluate
+from .console import make_console, phase, quiet
+from .eval.run import EvalResult
+from .eval.run import evaluate as _evaluate
 from .plan import Plan
 from .train.recipe import Run
 
@@ -37,30 +40,41 @@ def plan(config: RunConfig | dict | str | Path, overrides: list[str] | None = No
 
 def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
           console: Console | None = None, progress: bool = True, evaluate: bool = True,
-          resume: str | None = None, force: bool = False) -> Run:
+          resume: str | None = None, force: bool = False, verbose: bool | None = None) -> Run:
     """Train as the config says (a RunConfig, a dict, or a YAML path) and return the run. When the config has
     an `eval:` section, the comparison eval runs at the end. `resume="auto"` continues from the newest complete
     checkpoint of the run (or starts fresh when there is none); a checkpoint folder resumes from that one.
+    `verbose=True` (or TUNESMITH_VERBOSE=1) also shows the libraries' own progress bars, logs and warnings.
 
     Before loading the model the run is planned (`plan`) for the device it is about to use; a run the plan
     says cannot fit is refused unless `force=True` or `train.ignore_plan: true`."""
+    from .train.parallel import world_from_env
     from .train.recipe import train as run_training
+    from .train.trackers import Trackers
 
     cfg = _as_config(config, overrides)
-    planned = _plan_before_training(cfg, console, force)
-    run = run_training(cfg, console=console, progress=progress, resume=resume)
-    from .train.parallel import world_from_env
+    console = console or make_console()
+    with quiet(verbose):
+        planned = _plan_before_training(cfg, console, force, progress)
+        with Trackers(cfg, console) as trackers:  # trackers finish after the eval
+            run = run_training(cfg, console=console, progress=progress, resume=resume, trackers=trackers)
+            if planned is not None:
+                _record_plan(run, planned)
+            if evaluate and cfg.eval is not None and world_from_env()[0] == 0:  # under torchrun: rank 0 evaluates
+                from .eval.run import evaluate_run
 
-    if planned is not None:
-        _record_plan(run, planned)
-    if evaluate and cfg.eval is not None and world_from_env()[0] == 0:  # under torchrun: rank 0 evaluates
-        from .eval.run import evaluate_run
-
-        run.info["eval"] = evaluate_run(run, console=console)
+                run.info["eval"] = evaluate_run(run, console=console)
     return run
 
 
-def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool) -> Plan | None:
+@functools.wraps(_evaluate)
+def evaluate(*args: Any, verbose: bool | None = None, **kwargs: Any) -> EvalResult:
+    with quiet(verbose):
+        return _evaluate(*args, **kwargs)
+
+
+def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool, progress: bool = True
+                          ) -> Plan | None:
     """Plan the run on the device it will use, print the verdict, refuse what cannot fit."""
     import os
 
@@ -75,7 +89,8 @@ def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool) 
         return None
     world, main = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)) == 0
     try:
-        planned = plan_run(cfg, nproc=world, parallel=getattr(cfg.train, "parallel", "auto"))
+        with phase("plan", console=console, enabled=progress and main):
+            planned = plan_run(cfg, nproc=world, parallel=getattr(cfg.train, "parallel", "auto"))
     except TunesmithError:
         raise
     except Exception as e:  # noqa: BLE001 - a plan that cannot be made must not stop a run the user started
@@ -171,14 +186,15 @@ def open_model(target: str | Path | None = None, device: str = "auto", precision
 
     rt = make_runtime(device, precision)
     dtype = "fp32" if rt.precision == "fp32" else rt.precision
-    if target is not None and is_run_dir(target):
-        model, tok, info = load_run(target, device=rt.device, precision=rt.precision, dtype=dtype)
-        if system_prompt is None:
-            system_prompt = run_system_prompt(target, info)
-    else:
-        model, tok = load_model_and_tokenizer(str(target) if target else "default", device=rt.device,
-                                              precision=rt.precision, dtype=dtype,
-                                              allow_pickle_weights=allow_pickle_weights)
+    with quiet():
+        if target is not None and is_run_dir(target):
+            model, tok, info = load_run(target, device=rt.device, precision=rt.precision, dtype=dtype)
+            if system_prompt is None:
+                system_prompt = run_system_prompt(target, info)
+        else:
+            model, tok = load_model_and_tokenizer(str(target) if target else "default", device=rt.device,
+                                                  precision=rt.precision, dtype=dtype,
+                                                  allow_pickle_weights=allow_pickle_weights)
     return ChatModel(model, tok, rt.device, rt.precision, system_prompt=system_prompt or None)
 
 
@@ -199,11 +215,12 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
         runs = [p for p in adapters.values() if is_run_dir(p)]
         base = run_info(runs[0])["model"] if runs else "default"
         options = base_load_options(runs[0]) if runs else {}
-    model, tok = load_model_and_tokenizer(base, device=rt.device, precision=rt.precision,
-                                          dtype="fp32" if rt.precision == "fp32" else rt.precision, **options)
-    aset = AdapterSet(model)
-    for name, d in dirs.items():
-        aset.add(name, d)
+    with quiet():
+        model, tok = load_model_and_tokenizer(base, device=rt.device, precision=rt.precision,
+                                              dtype="fp32" if rt.precision == "fp32" else rt.precision, **options)
+        aset = AdapterSet(model)
+        for name, d in dirs.items():
+            aset.add(name, d)
     return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset, adapter_system_prompts=systems)
 
 
@@ -225,5 +242,13 @@ def push(run: str | Path, repo_id: str, what: str = "adapter", private: bool = F
     return push_run(run, repo_id, what=what, private=private, dry_run=dry_run, dtype=dtype)
 
 
+def serve_mcp() -> None:
+    """`tunesmith mcp`: serve data check, plan, train, eval and export as MCP tools over stdio (docs/mcp.md)."""
+    from .mcp_server import serve
+
+    serve()
+
+
 __all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "check_data", "evaluate",
-           "export_run", "load_config", "open_adapters", "open_model", "parse_config", "plan", "push", "train"]
+           "export_run", "load_config", "open_adapters", "open_model", "parse_config", "plan", "push", "serve_mcp",
+           "train"]

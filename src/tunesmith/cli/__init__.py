@@ -11,11 +11,10 @@ import argparse
 import os
 import sys
 
-from rich.console import Console
-
+from ..console import make_console, quiet
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TunesmithError
 
-COMMAND_MODULES = ("train", "plan", "infer", "data", "evaluate", "deploy")
+COMMAND_MODULES = ("train", "plan", "infer", "data", "evaluate", "deploy", "mcp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(sub)
+    _add_verbose(parser, default=False)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default) -> None:
+    """--verbose before or after any (sub)command: show the libraries' own bars, logs and warnings."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="also show the libraries' progress bars, logs and warnings")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _add_verbose(child, argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks; every rank reports its errors
-    console = Console(stderr=True, soft_wrap=True, quiet=rank > 0)  # soft wrap: file:line messages stay whole
+    console = make_console(quiet=rank > 0)
     if args.version:
         from .. import __version__
 
@@ -50,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.handler(args, console) or 0)
+        with quiet(True if args.verbose else None):
+            return int(args.handler(args, console) or 0)
     except TunesmithError as e:
         from rich.markup import escape  # messages quote user text, e.g. "[/INST]", which is not markup
 

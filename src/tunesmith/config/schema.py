@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "cpt"]
 AdapterKind = Literal["lora", "rslora", "dora", "qlora", "full"]
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
 
 
 class Section(BaseModel):
@@ -133,6 +134,12 @@ class TrainConfig(Section):
     global_batch_size: int | None = Field(None, ge=1)
     dist_timeout_s: float = Field(600.0, gt=0)  # how long a collective waits for a rank that stopped
     ignore_plan: bool = False  # train even when `tunesmith plan` says the run cannot fit its device
+    report_to: list[Tracker] = Field(default_factory=list)  # experiment trackers (train/trackers.py)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, v: Any) -> Any:
+        return [] if v in (None, "none") else [v] if isinstance(v, str) else v
 
 
 class EvalConfig(Section):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..console import advance
 from ..data.batching import collate
 from ..data.render import Renderer
 from ..data.types import Conversation, Message
@@ -173,6 +174,7 @@ class Engine:
                 logps = sequence_logps(model, batch)
             for row, i in enumerate(chunk):
                 out[i] = float(-logps.logp_sum[row] / logps.n_tokens[row].clamp(min=1))
+            advance(len(chunk))
         return out
 
     def chat_fn(self, max_new_tokens: int = 16) -> Callable[[list[str]], list[str]]:

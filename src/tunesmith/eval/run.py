@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from ..config import EvalConfig, parse_section
+from ..console import advance, advancer, make_console, phase
 from ..data.formats import messages_text, prompt_messages, target_messages
 from ..data.types import Dataset, Document, Example, Message, Unpaired
 from ..errors import EXIT_VERDICT, TunesmithError
@@ -140,7 +141,7 @@ def evaluate(data: DataLike, config: EvalConfig | dict | str | Sequence[str] | N
     `config.out` (when set). `config` is an EvalConfig, a dict of its keys or the candidates; keyword
     `settings` override its keys (`evaluate(data, candidates=[...], metrics=["exact"], out="eval")`).
     Raises NoWin (exit code 6) after writing when require_win / require_worth fails."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     cfg = eval_config(config, settings)
     cands = parse_candidates(cfg.candidates, tuned_run, cfg.by_stage)
     if not cfg.metrics:
@@ -237,8 +238,9 @@ def _context(cfg: EvalConfig, cands: Sequence[Candidate], base_spec: str, judge:
     device, precision = cfg.device or "auto", cfg.precision or "auto"
     engine = None
     if needs_engine:
-        engine = Engine(base_spec, cands, device, precision, cfg.batch_size, 64, system_prompt,
-                        plain_base=local_judge and judge in (base_spec, "base"))
+        with phase("load model", console=console):
+            engine = Engine(base_spec, cands, device, precision, cfg.batch_size, 64, system_prompt,
+                            plain_base=local_judge and judge in (base_spec, "base"))
     tokenizer = engine.tokenizer if engine is not None else _tokenizer(base_spec)
     the_judge = remote_judge or _local_judge(judge, engine, base_spec, device, precision, cfg.batch_size)
     rate = device_rate(prices, cfg.device_price, *_device_names(engine))
@@ -333,8 +335,8 @@ def compare_on(name: str, ctx: _Context, dataset: Sequence[Example], cands: Sequ
     usage: dict[str, Usage] = {}
     if ctx.judge is not None or any(not m.needs_logprobs for m in metric_list):
         for c in cands:
-            ctx.console.print(f"[dim]{name}: answering with {c.name}[/dim]", highlight=False)
-            answers[c.name], usage[c.name] = answer_all(ctx, name, c, seen.get(c.name), builder)
+            with phase(f"{name} {c.name}", len(prompts), ctx.console, "answers"):
+                answers[c.name], usage[c.name] = answer_all(ctx, name, c, seen.get(c.name), builder)
     outputs = {n: [a.text for a in ans] for n, ans in answers.items()}
     scores = {m.name: {c.name: _score(m, ctx.engine, c, seen.get(c.name), targets, outputs.get(c.name),
                                       references, dataset) for c in cands} for m in metric_list}
@@ -398,6 +400,7 @@ def answer_all(ctx: _Context, set_name: str, c: Candidate, prompts: list[tuple[M
     if known and len(missing) < len(keys):
         ctx.console.print(f"[dim]  {len(keys) - len(missing)} answers of {c.name} kept from before[/dim]",
                           highlight=False)
+        advance(len(keys) - len(missing))
     if c.kind == "endpoint":
         fresh = _ask_endpoint(ctx, c, [messages[i] for i in missing], [keys[i] for i in missing], store)
     else:
@@ -430,7 +433,10 @@ def _ask_endpoint(ctx: _Context, c: Candidate, messages: list[list[dict]], keys:
                   store: AnswerStore | None) -> list[Answer]:
     client = ctx.endpoints[c.name]
 
+    tick = advancer()  # answers arrive on the client's worker threads
+
     def keep(i: int, reply) -> None:
+        tick(1)
         if store is not None:
             store.put(keys[i], _from_reply(reply))
 
@@ -476,7 +482,9 @@ def _score(metric: Metric, engine: Engine | None, cand: Candidate, prompts: Sequ
            targets: Sequence[Sequence[Message]], outputs: list[str] | None, references: list[str],
            examples: Sequence[Example]) -> list[float]:
     if metric.needs_logprobs:
-        return [metric.score_nll(x) for x in engine.nll(cand, prompts, targets)]  # type: ignore[attr-defined,union-attr,arg-type]
+        with phase(f"{metric.name} {cand.name}", len(targets), unit="answers"):
+            nll = engine.nll(cand, prompts, targets)  # type: ignore[union-attr,arg-type]
+        return [metric.score_nll(x) for x in nll]  # type: ignore[attr-defined]
     return score_all(metric, outputs or [], references, examples)
 
 

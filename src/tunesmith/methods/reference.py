@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..console import phase
 from ..data.batching import Batch
 from ..data.render import IGNORE, Tokenized
 from ..errors import TrainingAborted, TunesmithError
@@ -346,7 +347,9 @@ def build_reference(model: torch.nn.Module, method: Method, batches: dict[str, l
                     reducer: Reducer | None = None) -> Reference:
     """The run's reference: live, or precomputed for every micro-batch in `batches` (per split, the items
     of each micro-batch the run will form) and cached. `forward` runs a batch through the policy as training
-    runs it (the wrapped model under DDP/FSDP2); `reducer` shares the pre-pass between processes."""
+    runs it (the wrapped model under DDP/FSDP2); `reducer` shares the pre-pass between processes. With
+    `progress` (a callback, such as `tunesmith.console.advance`), the pass is a "reference pass" phase on
+    `console`, counted in the examples this process scores."""
     forward = forward or (lambda b: sequence_logps(model, b, cfg.train.logits_chunk))
     reducer = reducer or OneProcess()
     if cfg.method_args.reference == "live":
@@ -367,7 +370,7 @@ def build_reference(model: torch.nn.Module, method: Method, batches: dict[str, l
            else "not cached: the base model's content cannot be pinned")
     console.print(f"reference log-probs: scoring {sizes} sequences ({reference_mode(cfg)}, {why})")
     started = time.time()
-    tables = _score(model, method, batches, planned, cfg, (rt, tokenizer, pack_length), progress, forward,
+    tables = _score(model, method, batches, planned, cfg, (rt, tokenizer, pack_length, console), progress, forward,
                     reducer)
     if path is not None and rt.is_main:
         sidecar = {"key": key, "parts": parts, "model": cfg.model, "from_adapter": cfg.adapter.from_adapter,
@@ -381,7 +384,7 @@ def build_reference(model: torch.nn.Module, method: Method, batches: dict[str, l
 def _score(model, method, batches, planned, cfg, setup, progress, forward, reducer) -> dict[str, Table]:
     """Rank r scores every world_size-th distinct micro-batch (all ranks run as many forwards); the tables
     are then summed over ranks."""
-    rt, tokenizer, pack_length = setup
+    rt, tokenizer, pack_length, console = setup
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     todo = distinct_groups(method, (g for groups in batches.values() for g in groups))
     mine = todo[reducer.rank::reducer.world_size]
@@ -391,7 +394,9 @@ def _score(model, method, batches, planned, cfg, setup, progress, forward, reduc
     was_training = model.training
     model.eval()
     try:
-        with reference_context(model, cfg):
+        shown = progress is not None and rt.is_main
+        with reference_context(model, cfg), phase("reference pass", sum(len(g) for g in mine), console, "examples",
+                                                  enabled=shown):
             score_batches(forward, method, groups, pad_id, pack_length, rt, scored, progress)
     finally:
         model.train(was_training)

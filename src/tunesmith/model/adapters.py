@@ -11,6 +11,8 @@ import atexit
 import json
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +25,17 @@ from .quantize import has_4bit_layers, is_4bit_embedding, is_4bit_linear, keep_4
 ATTENTION_PARENTS = ("self_attn", "attention", "attn")
 MLP_PARENTS = ("mlp", "feed_forward", "ffn")
 _INITIAL_ADAPTER_ATTR = "_tunesmith_initial_adapter"
+
+
+@contextmanager
+def peft_wrap():
+    """Around PEFT's wrapping of a transformers model (get_peft_model, PeftModel.from_pretrained): PEFT reads the
+    model's `is_gradient_checkpointing`, which transformers 5 deprecated in favour of `is_activation_checkpointing`,
+    so every wrap raised a FutureWarning that no user can act on. tunesmith enables checkpointing itself
+    (`enable_gradient_checkpointing`), so nothing depends on that read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 # ---------------------------------------------------------------- targets
@@ -124,7 +137,8 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     else:
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, lora_config(model, cfg))
+        with peft_wrap():
+            peft_model = get_peft_model(model, lora_config(model, cfg))
         if cfg.init in ("pissa", "olora"):
             _remember_initial_adapter(peft_model)
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
@@ -216,7 +230,8 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool
     path = _check_adapter_dir(adapter_dir)
     keep_4bit_layout(base_model)
     try:
-        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+        with peft_wrap():
+            model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
         raise TunesmithError(f"adapter {path} does not fit this base model: {str(e).splitlines()[0]}",
                              f"load the base it was trained on ({_adapter_base(path)})") from None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..console import advance
 from ..data.render import Renderer, end_of_turn_ids
 from ..data.types import Message
 from .unwrap import unwrap
@@ -118,6 +119,7 @@ class Generator:
                 text = self.tok.decode(new[:cut], skip_special_tokens=True)
                 out[i] = Generation(text, len(ids[i]), len(new) if cut is None else cut + 1, cut is None, seconds,
                                     seconds / len(chunk))
+            advance(len(chunk))
         return out  # type: ignore[return-value]
 
     def _layout(self, rows: list[list[int]], shared: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,7 +67,10 @@ def _merge_into_dequantised(model: nn.Module, dtype: torch.dtype | None) -> nn.M
     dequantize_4bit_layers(base, dtype)
     clear_quantization_marks(base)
     base.to(dtype)
-    rewrapped = get_peft_model(base, config, adapter_name=name)
+    from .adapters import peft_wrap
+
+    with peft_wrap():
+        rewrapped = get_peft_model(base, config, adapter_name=name)
     result = set_peft_model_state_dict(rewrapped, state, adapter_name=name)
     if result.unexpected_keys:
         raise TunesmithError(f"merge: {len(result.unexpected_keys)} adapter tensors did not fit the dequantised "

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import TunesmithError
-from .adapters import _check_adapter_dir, _verify_loaded
+from .adapters import _check_adapter_dir, _verify_loaded, peft_wrap
 from .quantize import keep_4bit_layout
 
 
@@ -47,7 +47,8 @@ class AdapterSet:
         path = _check_adapter_dir(adapter_dir)
         try:
             if self._model is None:
-                self._model = PeftModel.from_pretrained(self._base, str(path), adapter_name=name)
+                with peft_wrap():
+                    self._model = PeftModel.from_pretrained(self._base, str(path), adapter_name=name)
             else:
                 self._model.load_adapter(str(path), adapter_name=name)
         except (ValueError, RuntimeError, KeyError, TypeError) as e:

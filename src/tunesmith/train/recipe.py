@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from ..config import RunConfig, dump_config, stage_config
+from ..console import advance, counted, make_console, phase
 from ..data.batching import pack_setting
 from ..data.formats import common_system_prompt
 from ..data.load import load_data, write_rejects
@@ -76,12 +77,14 @@ def base_dtype(cfg: RunConfig, precision: str) -> str:
     return precision
 
 
-def train(cfg: RunConfig, console: Console | None = None, progress: bool = True, resume: str | None = None) -> Run:
+def train(cfg: RunConfig, console: Console | None = None, progress: bool = True, resume: str | None = None,
+          trackers=None) -> Run:
     """Run a whole config: one stage, or each of `stages` in order. With `resume` ("auto" or a checkpoint
-    folder), finished stages are kept and the interrupted one continues from its newest complete checkpoint."""
-    console = console or Console(stderr=True)
+    folder), finished stages are kept and the interrupted one continues from its newest complete checkpoint.
+    `trackers` (train/trackers.py) receive every stage's metrics."""
+    console = console or make_console()
     if not cfg.stages:
-        return train_stage(cfg, cfg.run_dir, console, progress, resume)
+        return train_stage(cfg, cfg.run_dir, console, progress, resume, trackers)
     runs: list[Run] = []
     from_adapter = cfg.adapter.from_adapter
     for i in range(len(cfg.stages)):
@@ -93,8 +96,10 @@ def train(cfg: RunConfig, console: Console | None = None, progress: bool = True,
         if done.get("complete"):
             console.print(f"stage {name} already finished; reusing {stage_dir / 'adapter'}")
             run = Run(stage_dir, stage_cfg, None, done)
+            if trackers is not None:
+                trackers.finished_stage(stage_dir, name)
         else:
-            run = train_stage(stage_cfg, stage_dir, console, progress, resume)
+            run = train_stage(stage_cfg, stage_dir, console, progress, resume, trackers, stage=name)
         runs.append(run)
         from_adapter = run.adapter
     return _finish_stages(cfg, runs)
@@ -143,15 +148,17 @@ class Stage:
 
 
 def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool = True,
-                resume: str | None = None) -> Run:
+                resume: str | None = None, trackers=None, stage: str | None = None) -> Run:
     started = time.time()
-    st = prepare_stage(cfg, run_path, console)
+    st = prepare_stage(cfg, run_path, console, progress)
+    if trackers is not None:
+        trackers.attach(st.run, st.rt, stage)  # train.report_to: mirrors metrics.jsonl
     extra = {"reference_key": getattr(st.reference, "key", None)}
     state = run_loop(st.trainer, st.run, cfg, console, progress, resume, extra, examples=len(st.items))
     return finish_stage(st, state, console, time.time() - started)
 
 
-def prepare_stage(cfg: RunConfig, run_path: Path, console: Console) -> Stage:
+def prepare_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool = True) -> Stage:
     cfg = with_accumulation(cfg, world_from_env()[1])
     rt = make_runtime(cfg.device, cfg.precision, cfg.threads)
     parallel = setup_processes(cfg, rt, console)
@@ -161,9 +168,11 @@ def prepare_stage(cfg: RunConfig, run_path: Path, console: Console) -> Stage:
     seed_everything(cfg.train.seed)
     method = get_method(cfg.method, cfg.method_args)
     train_ds, eval_ds = setup_data(cfg, method, run, console)
-    model, tokenizer = setup_model(cfg, rt, console)
-    items, eval_items, stats = render_items(cfg, method, tokenizer, train_ds, eval_ds, console)
-    trainer, reference = setup_trainer(cfg, method, model, tokenizer, items, eval_items, rt, parallel, console)
+    shown = progress and rt.is_main  # the phases' progress bars
+    model, tokenizer = setup_model(cfg, rt, console, progress=shown)
+    items, eval_items, stats = render_items(cfg, method, tokenizer, train_ds, eval_ds, console, progress=shown)
+    trainer, reference = setup_trainer(cfg, method, model, tokenizer, items, eval_items, rt, parallel, console,
+                                       progress=shown)
     return Stage(cfg, rt, parallel, run, method, train_ds, model, tokenizer, items, eval_items, stats, trainer,
                  reference)
 
@@ -218,15 +227,17 @@ def check_data_kind(cfg: RunConfig, method: Method, train_ds: Dataset) -> None:
                  ".txt/.md files) for cpt")
 
 
-def setup_model(cfg: RunConfig, rt: Runtime, console: Console) -> tuple[torch.nn.Module, Any]:
+def setup_model(cfg: RunConfig, rt: Runtime, console: Console, progress: bool = True
+                ) -> tuple[torch.nn.Module, Any]:
     """The base model as the adapter kind needs it, with the adapter attached and the training layers set."""
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model, device=rt.device, precision=rt.precision, dtype=base_dtype(cfg, rt.precision),
-        quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
-        quantize_embeddings=cfg.adapter.embeddings_in_4bit,
-        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
-        allow_pickle_weights=cfg.allow_pickle_weights,
-        quant_storage="bf16" if _sharded_qlora(cfg) else "uint8")
+    with phase("load model", console=console, enabled=progress):
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, device=rt.device, precision=rt.precision, dtype=base_dtype(cfg, rt.precision),
+            quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
+            quantize_embeddings=cfg.adapter.embeddings_in_4bit,
+            trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+            allow_pickle_weights=cfg.allow_pickle_weights,
+            quant_storage="bf16" if _sharded_qlora(cfg) else "uint8")
     if cfg.adapter.from_adapter:
         model = adapters.load_adapter(model, cfg.adapter.from_adapter, trainable=True)
     else:
@@ -248,19 +259,24 @@ def _sharded_qlora(cfg: RunConfig) -> bool:
 
 
 def render_items(cfg: RunConfig, method: Method, tokenizer: Any, train_ds: Dataset, eval_ds: Dataset | None,
-                 console: Console) -> tuple[list, list | None, dict]:
+                 console: Console, progress: bool = True) -> tuple[list, list | None, dict]:
     d = cfg.data
     renderer = Renderer(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt, d.window_overlap,
                         d.cross_document)
-    items = [x for x in (method.render(renderer, ex) for ex in train_ds.examples) if x is not None]
-    stats = renderer.stats.as_dict()
+    n_examples = len(train_ds.examples) + (len(eval_ds.examples) if eval_ds is not None else 0)
+    with phase("tokenise", n_examples, console, "examples", enabled=progress):
+        items = [x for x in (method.render(renderer, ex) for ex in counted(train_ds.examples)) if x is not None]
+        stats = renderer.stats.as_dict()
+        rendered_eval = None
+        if eval_ds is not None:
+            rendered_eval = [x for x in (method.render(renderer, ex) for ex in counted(eval_ds.examples))
+                             if x is not None]
     _report_render(console, stats, cfg)
     items, note = method.prepare(items, cfg.train.micro_batch_size, "train")
     notes = [note]
     eval_items = None
-    if eval_ds is not None:
-        eval_items = [x for x in (method.render(renderer, ex) for ex in eval_ds.examples) if x is not None]
-        eval_items, note = method.prepare(eval_items, cfg.train.micro_batch_size, "eval")
+    if rendered_eval is not None:
+        eval_items, note = method.prepare(rendered_eval, cfg.train.micro_batch_size, "eval")
         notes.append(note)
     for note in filter(None, notes):
         console.print(f"[yellow]{note}")
@@ -270,8 +286,8 @@ def render_items(cfg: RunConfig, method: Method, tokenizer: Any, train_ds: Datas
 
 
 def setup_trainer(cfg: RunConfig, method: Method, model: torch.nn.Module, tokenizer: Any, items: list,
-                  eval_items: list | None, rt: Runtime, parallel: SingleProcess, console: Console
-                  ) -> tuple[Trainer, Reference | None]:
+                  eval_items: list | None, rt: Runtime, parallel: SingleProcess, console: Console,
+                  progress: bool = True) -> tuple[Trainer, Reference | None]:
     t = cfg.train
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pack = pack_setting(t.packing, t.pack_length)
@@ -290,7 +306,8 @@ def setup_trainer(cfg: RunConfig, method: Method, model: torch.nn.Module, tokeni
     reference = None
     if method.needs_reference:
         reference = build_reference(model, method, planned_items(plan, items, eval_items, t.micro_batch_size),
-                                    cfg, rt, tokenizer, pack, console, forward=policy, reducer=parallel)
+                                    cfg, rt, tokenizer, pack, console, progress=advance if progress else None,
+                                    forward=policy, reducer=parallel)
     eval_source = None
     if eval_items:
         def eval_source():

@@ -56,6 +56,8 @@ class RunDir:
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
         self._metrics = None
+        # Called with every record written to metrics.jsonl (experiment trackers: train/trackers.py).
+        self.sinks: list = []
 
     @property
     def adapter(self) -> Path:
@@ -81,6 +83,8 @@ class RunDir:
             self._metrics = open(self.path / "metrics.jsonl", "w" if truncate else "a")
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        for sink in self.sinks:
+            sink(record, truncate)
 
     def close(self) -> None:
         if self._metrics is not None:
