@@ -60,9 +60,21 @@ class Unpaired:
     source: Source | None = None
 
 
-Example = Union[Conversation, Preference, Unpaired]
+@dataclass(frozen=True)
+class Prompt:
+    """Online-training (GRPO) example: a prompt the policy answers during training. `reference` is the answer
+    the example carries (its completion, final assistant turn, chosen reply or `reference` column), if any;
+    `fields` are the row's other columns, for reward functions that read them."""
 
-ExampleKind = Literal["sft", "preference", "unpaired"]
+    prompt: tuple[Message, ...]
+    reference: str | None = None
+    fields: dict = field(default_factory=dict, hash=False, compare=False)
+    source: Source | None = None
+
+
+Example = Union[Conversation, Preference, Unpaired, Prompt]
+
+ExampleKind = Literal["sft", "preference", "unpaired", "prompt"]
 
 
 def kind_of(example: Example) -> ExampleKind:
@@ -70,6 +82,8 @@ def kind_of(example: Example) -> ExampleKind:
         return "sft"
     if isinstance(example, Preference):
         return "preference"
+    if isinstance(example, Prompt):
+        return "prompt"
     return "unpaired"
 
 
