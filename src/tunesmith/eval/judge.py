@@ -7,18 +7,17 @@ wraps a local prompt -> answer function.
 
 from __future__ import annotations
 
-import json
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.stats import binom_two_sided
+from tunesmith.model.endpoint import ChatEndpoint, chat_completions_url, split_endpoint
+
+__all__ = ["Judge", "JudgeResult", "LocalJudge", "OpenAIJudge", "chat_completions_url", "judge_from_url",
+           "judge_pairs", "parse_verdict"]
 
 Verdict = Literal["A", "B", "tie"]
 Outcome = Literal["win", "tie", "loss"]
@@ -175,79 +174,25 @@ class LocalJudge:
         return answers
 
 
-def chat_completions_url(url: str) -> str:
-    """`http://host:8000` or `.../v1` → `.../v1/chat/completions`; a URL already ending in
-    /chat/completions is used as given."""
-    base = url.rstrip("/")
-    if base.endswith("/chat/completions"):
-        return base
-    return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
-
-
 class OpenAIJudge:
     """A judge served by an OpenAI-compatible chat completions endpoint (greedy, short answers)."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
                  max_tokens: int = 16, concurrency: int = 4, retries: int = 2, retry_wait: float = 1.0):
-        if not url.startswith(("http://", "https://")):
-            raise TunesmithError(f"judge URL must start with http:// or https://: {url!r}")
-        self.url = chat_completions_url(url)
-        self.model = model
-        self.api_key = api_key
-        self.timeout = timeout
+        self.endpoint = ChatEndpoint(url, model, api_key=api_key, timeout=timeout, retries=retries,
+                                     retry_wait=retry_wait, concurrency=concurrency, what="judge")
+        self.url, self.model, self.api_key = self.endpoint.url, model, api_key
         self.max_tokens = max_tokens
-        self.concurrency = concurrency
-        self.retries = retries
-        self.retry_wait = retry_wait
 
     def ask(self, prompts: list[str]) -> list[str]:
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
-            return list(pool.map(self.ask_one, prompts))
+        replies = self.endpoint.chat_many([[{"role": "user", "content": p}] for p in prompts], self.max_tokens)
+        return [r.text for r in replies]
 
     def ask_one(self, prompt: str) -> str:
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0, "max_tokens": self.max_tokens}
-        for attempt in range(self.retries + 1):
-            try:
-                return self._post(body)
-            except _Retryable as exc:
-                if attempt == self.retries:
-                    raise TunesmithError(f"judge at {self.url} failed: {exc}",
-                                         "check that the server is up and the model name is right") from None
-                time.sleep(self.retry_wait * 2 ** attempt)
-        raise AssertionError("unreachable")
-
-    def _post(self, body: dict) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode("utf-8", "replace")
-            if exc.code == 429 or exc.code >= 500:
-                raise _Retryable(f"HTTP {exc.code}: {detail}") from None
-            raise TunesmithError(f"judge at {self.url} answered HTTP {exc.code}: {detail}",
-                                 "check the URL, the model name and the API key") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            raise _Retryable(f"cannot reach it ({getattr(exc, 'reason', exc)})") from None
-        try:
-            return str(json.loads(payload)["choices"][0]["message"]["content"] or "")
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise TunesmithError(f"judge at {self.url} sent a reply that is not a chat completion: "
-                                 f"{payload[:200]!r}", "the URL must point to an OpenAI-compatible server") from None
-
-
-class _Retryable(Exception):
-    pass
+        return self.endpoint.chat([{"role": "user", "content": prompt}], self.max_tokens).text
 
 
 def judge_from_url(spec: str, api_key: str | None = None, timeout: float = 60.0) -> OpenAIJudge:
     """`http://localhost:8000/v1#qwen2.5-7b-instruct` → an OpenAIJudge for that server and model."""
-    url, sep, model = spec.partition("#")
-    if not sep or not model:
-        raise TunesmithError(f"judge URL {spec!r} names no model",
-                             "append the served model name after '#', e.g. http://localhost:8000/v1#my-judge")
+    url, model = split_endpoint(spec, "judge")
     return OpenAIJudge(url, model, api_key=api_key, timeout=timeout)

@@ -6,7 +6,6 @@ NLL for `loss`. Aggregation and significance live in `stats.py`; nothing here kn
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.methods.scoring import load_labels, load_schema, normalize, schema_error, strip_code_fence  # noqa: F401
+from tunesmith.methods.scoring import parse_json as _parse_json
 
 METRIC_SPECS = (
     "exact",
@@ -26,30 +27,6 @@ METRIC_SPECS = (
     "json_schema:SCHEMA.json",
     "loss",
 )
-
-_QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb"}
-_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
-
-
-def normalize(text: str) -> str:
-    """Strip, casefold, collapse whitespace, then peel surrounding quotes and a trailing period."""
-    out = " ".join(text.split()).casefold()
-    previous = None
-    while out != previous:
-        previous = out
-        if out.endswith(".") and not out.endswith(".."):
-            out = out[:-1].rstrip()
-        if len(out) >= 2 and _QUOTE_PAIRS.get(out[0]) == out[-1]:
-            out = out[1:-1].strip()
-    return out
-
-
-def strip_code_fence(text: str) -> str:
-    """`json` output wrapped in a single markdown code fence (```json ... ```) is judged on its content."""
-    text = text.strip()
-    match = _FENCE.match(text)
-    return match.group(1).strip() if match else text
-
 
 @dataclass(frozen=True)
 class Metric:
@@ -123,13 +100,6 @@ class RegexMatch(Metric):
         return {"matched": matched, "answer": answer}
 
 
-def _parse_json(text: str) -> tuple[bool, Any]:
-    try:
-        return True, json.loads(strip_code_fence(text))
-    except ValueError:
-        return False, None
-
-
 @dataclass(frozen=True)
 class JsonValid(Metric):
     def score(self, prediction: str, reference: str) -> float:
@@ -155,14 +125,7 @@ class JsonSchemaValid(Metric):
     schema_path: str = ""
 
     def _errors(self, prediction: str) -> tuple[Any, str | None]:
-        import jsonschema
-
-        ok, value = _parse_json(prediction)
-        if not ok:
-            return None, "not valid JSON"
-        validator = jsonschema.validators.validator_for(self.schema)(self.schema)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
-        return value, None if error is None else error.message
+        return schema_error(self.schema, prediction)
 
     def score(self, prediction: str, reference: str) -> float:
         return float(self._errors(prediction)[1] is None)
@@ -186,38 +149,6 @@ class HeldOutLoss(Metric):
             raise TunesmithError(f"loss metric got a per-example NLL of {nll}",
                                  "NLL must be a finite, non-negative number of nats")
         return float(nll)
-
-
-def _read_json_file(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TunesmithError(f"{what} file not found: {path}", "check the path after the ':'") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TunesmithError(f"cannot read {what} file {path}: {exc}", "it must be a valid UTF-8 JSON file") from None
-
-
-def load_schema(path: Path) -> dict[str, Any]:
-    import jsonschema
-
-    schema = _read_json_file(path, "JSON schema")
-    if not isinstance(schema, dict):
-        raise TunesmithError(f"invalid JSON schema in {path}: the top level must be an object")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.exceptions.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path) or "(root)"
-        raise TunesmithError(f"invalid JSON schema in {path} at {where}: {exc.message}",
-                             "fix the schema so that it is valid JSON Schema") from None
-    return schema
-
-
-def load_labels(path: Path) -> frozenset[str]:
-    labels = _read_json_file(path, "choice labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise TunesmithError(f"choice labels file {path} must hold a non-empty JSON list of strings",
-                             'e.g. ["positive", "negative", "neutral"]')
-    return frozenset(normalize(x) for x in labels)
 
 
 def _bad_spec(spec: str, why: str) -> TunesmithError:
