@@ -142,18 +142,21 @@ class LiveReference:
     cache_hit = False
     path = None
 
-    def __init__(self, model: torch.nn.Module, mode: str, rt: Any, chunk: int):
-        self.model, self.mode, self.rt, self.chunk = model, mode, rt, chunk
+    def __init__(self, model: torch.nn.Module, mode: str, rt: Any, chunk: int,
+                 score: Callable[[torch.nn.Module, Batch, int], Any] = sequence_logps):
+        self.model, self.mode, self.rt, self.chunk, self.score = model, mode, rt, chunk, score
         self.initial = None if mode == "base" else {
             n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def __call__(self, split: Split, items: Sequence[Any], batch: Batch) -> SeqLogps:
+        """What the method scores the policy with (`Method.policy_logps`: per-sequence sums, or per-token
+        log-probs for GRPO's KL), for the step-0 policy."""
         was_training = self.model.training
         self.model.eval()
         try:
             with self._step0(), self.rt.autocast():
-                return sequence_logps(self.model, batch, self.chunk).detach()
+                return self.score(self.model, batch, self.chunk).detach()
         finally:
             self.model.train(was_training)
 
@@ -284,9 +287,9 @@ def build_reference(model: torch.nn.Module, method: Method, batches: dict[str, l
                     progress: Callable[[int], None] | None = None) -> Reference:
     """The run's reference: live, or precomputed for every micro-batch in `batches` (per split, the items
     of each micro-batch the run will form) and cached."""
-    if cfg.method_args.reference == "live":
+    if cfg.method_args.reference == "live" or method.online:  # an online method's sequences are not known yet
         console.print(f"reference log-probs: live ({reference_mode(cfg)})")
-        return LiveReference(model, reference_mode(cfg), rt, cfg.train.logits_chunk)
+        return LiveReference(model, reference_mode(cfg), rt, cfg.train.logits_chunk, method.policy_logps)
     if not batches.get("train"):
         raise TrainingAborted("no training examples left after rendering", hint="check `tunesmith data check`")
     planned = planned_sequences(method, batches)

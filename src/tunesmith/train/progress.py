@@ -36,6 +36,8 @@ class TrainProgress:
         if not self.enabled:
             return
         info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
+        if "reward" in record:  # online methods: what the sampled answers earned this step
+            info += f"  reward {record['reward']:.3f}"
         if "eval_loss" in record:
             info += f"  eval {record['eval_loss']:.4f}"
         if self.bar is not None:
