@@ -319,7 +319,7 @@ def _asks(messages: tuple[Message, ...], field: str) -> tuple[Message, ...]:
     """A prompt must end with the turn the model answers: a user (or tool) message."""
     last = messages[-1]
     if last.role not in ("user", "tool"):
-        raise RowError(f"{field}[{len(messages) - 1}].role", f"the prompt ends with a '{last.role}' turn",
+        raise RowError(f"{field}[{len(messages) - 1}].role", f"the prompt's last turn is '{last.role}', not the user's",
                        "a prompt ends with the user message the model answers", "last_not_user")
     return messages
 
