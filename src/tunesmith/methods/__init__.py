@@ -8,6 +8,7 @@ from collections.abc import Callable
 from ..config import MethodConfig
 from ..errors import TunesmithError
 from .base import Method, MethodBase, Split
+from .grpo import GRPO
 from .preference import DPO, IPO, KTO, ORPO, SimPO
 from .sft import SFT
 
@@ -18,6 +19,7 @@ METHODS: dict[str, Callable[[MethodConfig], Method]] = {
     "orpo": ORPO,
     "simpo": SimPO,
     "kto": KTO,
+    "grpo": GRPO,
 }
 
 

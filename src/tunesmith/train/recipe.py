@@ -29,9 +29,11 @@ from ..methods.reference import Reference, build_reference
 from ..model import adapters
 from ..model.device import Runtime, make_runtime
 from ..model.load import load_model_and_tokenizer, model_identity
+from ..model.sampling import Sampler
 from ..model.unwrap import unwrap
 from .loop import Trainer, TrainState
 from .parallel import SingleProcess, setup_parallel
+from .rollout import RolloutSource
 from .rundir import RunDir, data_hash
 from .session import run_loop
 from .source import Collator, PlannedSource, eval_batches, planned_items
@@ -163,13 +165,14 @@ def prepare_stage(cfg: RunConfig, run_path: Path, console: Console) -> Stage:
 
 
 def setup_data(cfg: RunConfig, method: Method, run: RunDir, console: Console) -> tuple[Dataset, Dataset | None]:
-    train_ds, eval_ds = load_data(cfg.data, cfg.train.seed)
+    train_ds, eval_ds = load_data(cfg.data, cfg.train.seed, method.example_kind)
     if train_ds.kind != method.example_kind:
         raise TunesmithError(
             f"method '{cfg.method}' trains on {method.example_kind} examples but the data in {cfg.data.train} "
             f"is {train_ds.kind} ({train_ds.format} format)",
             hint="use preference data (prompt/chosen/rejected) for dpo/ipo/orpo/simpo, labelled "
-                 "prompt/completion/label rows for kto, and conversations for sft")
+                 "prompt/completion/label rows for kto, conversations for sft, and any data with prompts for "
+                 "grpo")
     if train_ds.rejected:
         write_rejects(train_ds, run.path / "rejects.jsonl")
         console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
@@ -231,13 +234,28 @@ def setup_trainer(cfg: RunConfig, method: Method, model: torch.nn.Module, tokeni
     if method.needs_reference:
         reference = build_reference(model, method, planned_items(plan, items, eval_items, t.micro_batch_size),
                                     cfg, rt, tokenizer, pack, console)
+    source = batch_source(cfg, method, model, tokenizer, plan, items, collator, rt, parallel)
     eval_source = None
-    if eval_items:
+    if eval_items and isinstance(source, RolloutSource):
+        def eval_source():
+            return source.eval_batches(eval_items, t.micro_batch_size, parallel.world_size)
+    elif eval_items:
         def eval_source():
             return eval_batches(eval_items, t.micro_batch_size, collator, parallel.rank, parallel.world_size)
-    trainer = Trainer(parallel.wrap(model), method, PlannedSource(plan, items, collator, parallel.rank), t, rt,
-                      _optimizer(model, cfg), reference=reference, eval_source=eval_source, parallel=parallel)
+    trainer = Trainer(parallel.wrap(model), method, source, t, rt, _optimizer(model, cfg), reference=reference,
+                      eval_source=eval_source, parallel=parallel)
     return trainer, reference
+
+
+def batch_source(cfg: RunConfig, method: Method, model: torch.nn.Module, tokenizer: Any, plan: BatchPlan,
+                 items: list, collator: Collator, rt: Runtime, parallel: SingleProcess
+                 ) -> PlannedSource | RolloutSource:
+    """The fixed batch plan, or for an online method the plan's prompts answered by the current policy."""
+    if not method.online:
+        return PlannedSource(plan, items, collator, parallel.rank)
+    sampler = Sampler(model, tokenizer, rt.device, rt.precision)
+    return RolloutSource(method, plan, items, collator, sampler, cfg.train.seed, cfg.method_args.iterations,
+                         parallel.rank)
 
 
 def finish_stage(st: Stage, state: TrainState, console: Console, seconds: float) -> Run:
