@@ -13,6 +13,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from .api import (  # noqa: E402
     ChatModel,
     EvalResult,
+    Plan,
     Run,
     RunConfig,
     evaluate,
@@ -20,8 +21,9 @@ from .api import (  # noqa: E402
     open_adapters,
     open_model,
     parse_config,
+    plan,
     train,
 )
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "__version__", "evaluate", "load_config", "open_adapters",
-           "open_model", "parse_config", "train"]
+__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "evaluate", "load_config",
+           "open_adapters", "open_model", "parse_config", "plan", "train"]

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from .config import RunConfig, load_config, parse_config
 from .eval.run import EvalResult, evaluate
+from .plan import Plan
 from .train.recipe import Run
 
 
@@ -22,21 +23,94 @@ def _as_config(config: RunConfig | dict | str | Path, overrides: list[str] | Non
     return load_config(config, overrides)
 
 
+def plan(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, device: str | None = None,
+         nproc: int = 1, parallel: str = "auto", prices: str | Path | None = None, calibrate: bool = False,
+         console: Console | None = None) -> Plan:
+    """Memory per device, time and cost of a run before it starts (`tunesmith plan`), with a verdict for
+    `device` (None: the config's device; or a device of the price table, e.g. "h100-80gb") and the changes
+    that make it fit. `calibrate=True` measures throughput with a few real steps on this machine."""
+    from .plan import plan_run
+
+    return plan_run(_as_config(config, overrides), device=device, nproc=nproc, parallel=parallel, prices=prices,
+                    calibrate=calibrate, console=console)
+
+
 def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
           console: Console | None = None, progress: bool = True, evaluate: bool = True,
-          resume: str | None = None) -> Run:
+          resume: str | None = None, force: bool = False) -> Run:
     """Train as the config says (a RunConfig, a dict, or a YAML path) and return the run. When the config has
     an `eval:` section, the comparison eval runs at the end. `resume="auto"` continues from the newest complete
-    checkpoint of the run (or starts fresh when there is none); a checkpoint folder resumes from that one."""
+    checkpoint of the run (or starts fresh when there is none); a checkpoint folder resumes from that one.
+
+    Before loading the model the run is planned (`plan`) for the device it is about to use; a run the plan
+    says cannot fit is refused unless `force=True` or `train.ignore_plan: true`."""
     from .train.recipe import train as run_training
 
     cfg = _as_config(config, overrides)
+    planned = _plan_before_training(cfg, console, force)
     run = run_training(cfg, console=console, progress=progress, resume=resume)
+    if planned is not None:
+        _record_plan(run, planned)
     if evaluate and cfg.eval is not None:
         from .eval.run import evaluate_run
 
         run.info["eval"] = evaluate_run(run, console=console)
     return run
+
+
+def _plan_before_training(cfg: RunConfig, console: Console | None, force: bool) -> Plan | None:
+    """Plan the run on the device it will use, print the verdict, refuse what cannot fit."""
+    import os
+
+    from .errors import TunesmithError
+    from .model.device import pick_device
+    from .plan import check_fits, plan_run
+    from .plan.report import format_plan
+
+    console = console or Console(stderr=True)
+    if pick_device(cfg.device).type == "mps":
+        console.print("[yellow]plan: no plans for Apple MPS devices yet; training without one")
+        return None
+    world, main = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)) == 0
+    try:
+        planned = plan_run(cfg, nproc=world, parallel=getattr(cfg.train, "parallel", "auto"))
+    except TunesmithError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a plan that cannot be made must not stop a run the user started
+        console.print(f"[yellow]plan: could not plan this run ({type(e).__name__}: {e}); training anyway")
+        return None
+    if main:
+        console.print(format_plan(planned), highlight=False, markup=False)
+    if not (force or cfg.train.ignore_plan):
+        check_fits(planned)
+    elif not planned.fits and main:
+        console.print("[yellow]plan: the run is not expected to fit; going ahead as asked (--force)")
+    return planned
+
+
+def _record_plan(run: Run, planned: Plan) -> None:
+    """Add the plan, and what the run measured to compare with it, to run.json."""
+    import json
+    import os
+    import resource
+
+    import torch
+
+    from .train.rundir import write_json
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    measured = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        measured["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        measured["peak_cuda_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    record = {**planned.as_dict(), "measured": measured}
+    run.info["plan"] = record
+    path = run.path / "run.json"
+    if path.exists():
+        info = json.loads(path.read_text())
+        info["plan"] = record
+        write_json(path, info)
 
 
 class ChatModel:
@@ -95,5 +169,5 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
 
 
-__all__ = ["ChatModel", "EvalResult", "Run", "RunConfig", "evaluate", "load_config", "open_adapters", "open_model",
-           "parse_config", "train"]
+__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "evaluate", "load_config", "open_adapters",
+           "open_model", "parse_config", "plan", "train"]

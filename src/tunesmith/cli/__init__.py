@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..errors import TunesmithError
 
-COMMAND_MODULES = ("train", "infer", "data", "evaluate", "deploy")
+COMMAND_MODULES = ("train", "plan", "infer", "data", "evaluate", "deploy")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ def register(sub) -> None:
                    help="continue an interrupted run: 'auto' = its newest complete checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-eval", action="store_true", help="skip the end-of-training comparison eval")
+    p.add_argument("--force", action="store_true",
+                   help="train even when the plan says the run cannot fit its device (train.ignore_plan)")
     p.set_defaults(handler=run)
 
 
@@ -25,6 +27,6 @@ def run(args, console: Console) -> int:
     overrides = list(args.overrides) + (["data.skip_invalid=true"] if args.skip_invalid else [])
     cfg = load_config(args.config, overrides)
     result = train(cfg, console=console, progress=not args.no_progress, evaluate=not args.no_eval,
-                   resume=args.resume)
+                   resume=args.resume, force=args.force)
     console.print(f"[green]done[/green]: adapter in {result.adapter}")
     return 0

@@ -146,6 +146,7 @@ class TrainConfig(Section):
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
     skip_nonfinite: int = Field(0, ge=0)
+    ignore_plan: bool = False  # train even when `tunesmith plan` says the run cannot fit its device
 
 
 class EvalConfig(Section):

@@ -168,6 +168,12 @@ def sequence_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> S
 
 
 @torch.no_grad()
+def _rows(layer: torch.nn.Module) -> int:
+    """The token count of an embedding or head, read from the module, not its weight: a 4-bit weight is packed."""
+    base = getattr(layer, "base_layer", layer)  # a PEFT-wrapped layer
+    return getattr(base, "num_embeddings", None) or getattr(base, "out_features", None) or base.weight.shape[0]
+
+
 def check_head(model: torch.nn.Module, n_tokens: int = 24, tolerance: float = 0.05) -> None:
     """Compare tunesmith's per-token log-probs with the model's own forward on a short random sequence and
     refuse the model when they differ (its forward does something after the head that the chunked head
@@ -176,7 +182,7 @@ def check_head(model: torch.nn.Module, n_tokens: int = 24, tolerance: float = 0.
     from ..data.render import Tokenized
 
     lm = unwrap(model)
-    vocab = lm.get_output_embeddings().weight.shape[0]
+    vocab = min(_rows(lm.get_input_embeddings()), _rows(lm.get_output_embeddings()))
     device = next(lm.parameters()).device
     ids = torch.randint(1, vocab, (n_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     batch = collate([Tokenized(tuple(ids), (IGNORE,) + tuple(ids[1:]))], 0).to(device)
