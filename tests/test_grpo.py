@@ -250,3 +250,25 @@ def test_kill_9_then_resume_is_bit_identical(tiny_dir, tmp_path, uninterrupted, 
     assert weights.keys() == ref_w.keys() and all(torch.equal(weights[k], ref_w[k]) for k in weights)
     assert all(torch.equal(optim[k], ref_o[k]) for k in optim)
     assert losses == ref_losses and len(losses) == 6
+
+
+def test_online_methods_refuse_to_run_in_several_processes(tiny_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from tunesmith.config import parse_config
+    from tunesmith.methods import get_method
+    from tunesmith.train.recipe import refuse_online_parallel
+
+    cfg = parse_config(config(tiny_dir, tmp_path))
+    two = SimpleNamespace(world_size=2, rank=0)
+    with pytest.raises(TunesmithError, match=r"'grpo' samples its batches .* runs in one process only.*2 processes"):
+        refuse_online_parallel(cfg, get_method("grpo", cfg.method_args), two)
+    refuse_online_parallel(cfg, get_method("sft", cfg.method_args.model_copy(update={"rewards": []})), two)
+
+
+def test_plan_counts_every_prompt_with_its_answers_at_their_longest(tiny_dir, tmp_path):
+    plan = tunesmith.plan(config(tiny_dir, tmp_path), device="cpu")
+    # 2 steps x 2 micro-batches x 2 prompts, each answered 4 times with up to 6 tokens
+    assert plan.data.examples == 8 and plan.data.steps == 2
+    assert plan.data.target_tokens == 8 * 4 * 6
+    assert plan.worst_batch.rows >= 1 and any("samples its batches" in n for n in plan.notes)

@@ -66,6 +66,10 @@ class Method(Protocol):
     def diagnose(self, history: Sequence[dict]) -> list[str]:
         """Warnings about a finished stage, read from its logged metrics (e.g. likelihood displacement)."""
 
+    def plan_items(self, items: Sequence[Any]) -> list[Any]:
+        """What a micro-batch of these rendered items holds in training, at its largest, for planning memory
+        and time (an online method: each prompt with its answers at their longest; else the items)."""
+
     def rollout(self, sampler: Any, prompts: list[list[Any]], generator: torch.Generator,
                 collate: Callable[[list[Any]], Batch]) -> tuple[list[list[Any]], dict[str, float]]:
         """Online methods: the micro-batches (lists of items `collate` takes) of one step, made by sampling
@@ -95,6 +99,9 @@ class MethodBase:
 
     def diagnose(self, history: Sequence[dict]) -> list[str]:
         return []
+
+    def plan_items(self, items: Sequence[Any]) -> list[Any]:
+        return list(items)
 
     def rollout(self, sampler, prompts, generator, collate):
         raise TypeError(f"{self.name} trains on a fixed batch plan; only online methods sample their batches")

@@ -97,7 +97,7 @@ class GRPO(MethodBase):
 
     def prepare(self, items: list, micro_batch_size: int, split: Split) -> tuple[list, str | None]:
         """Rewards that compare with references get them from the data, or the run stops here, before the
-        model is loaded; so does a reward that raises or returns a non-number on a first answer."""
+        first step; so does a reward that raises or returns a non-number on a first answer."""
         for r in self.rewards:
             if isinstance(r, ChoiceReward) and r.labels is None and split == "train":
                 r.labels = frozenset(normalize(x.example.reference) for x in items if x.example.reference)
@@ -224,6 +224,13 @@ class GRPO(MethodBase):
                 g.old_logps = [values[seq == k].tolist() for k in range(len(g.tokens))]
         finally:
             sampler.model.train(was_training)
+
+    def plan_items(self, items: Sequence[TokenizedPrompt]) -> list[Group]:
+        """Each prompt with G answers of max_new_tokens (their longest), every group trained."""
+        g, n = self.sampling.group_size, self.args.max_new_tokens
+        return [Group(p, i, [[p.input_ids[-1]] * n for _ in range(g)], [[0.0] * n for _ in range(g)],
+                      [False] * g, {r.name: [0.0] * g for r in self.rewards}, [0.0] * g, [0.0] * g)
+                for i, p in enumerate(items)]
 
     def dump_items(self, items: Sequence[Group]) -> list:
         return [g.to_json() for g in items]

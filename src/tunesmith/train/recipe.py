@@ -156,12 +156,23 @@ def prepare_stage(cfg: RunConfig, run_path: Path, console: Console) -> Stage:
     run.write_config(cfg)
     seed_everything(cfg.train.seed)
     method = get_method(cfg.method, cfg.method_args)
+    refuse_online_parallel(cfg, method, parallel)
     train_ds, eval_ds = setup_data(cfg, method, run, console)
     model, tokenizer = setup_model(cfg, rt, console)
     items, eval_items, stats = render_items(cfg, method, tokenizer, train_ds, eval_ds, console)
     trainer, reference = setup_trainer(cfg, method, model, tokenizer, items, eval_items, rt, parallel, console)
     return Stage(cfg, rt, parallel, run, method, train_ds, model, tokenizer, items, eval_items, stats, trainer,
                  reference)
+
+
+def refuse_online_parallel(cfg: RunConfig, method: Method, parallel: SingleProcess) -> None:
+    """Before any data or model is loaded: an online method trains in one process only, for now (the rollout
+    source does not yet make ranks agree on skipped groups, sampling metrics or a batch pending at a checkpoint)."""
+    if method.online and parallel.world_size > 1:
+        raise TunesmithError(f"method '{cfg.method}' samples its batches during training and runs in one process "
+                             f"only; this run was started as {parallel.world_size} processes",
+                             hint="run `tunesmith train CONFIG` without torchrun for an online method (in a "
+                                  "multi-stage config: run the online stage in a config of its own)")
 
 
 def setup_data(cfg: RunConfig, method: Method, run: RunDir, console: Console) -> tuple[Dataset, Dataset | None]:
