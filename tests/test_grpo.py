@@ -272,3 +272,14 @@ def test_plan_counts_every_prompt_with_its_answers_at_their_longest(tiny_dir, tm
     assert plan.data.examples == 8 and plan.data.steps == 2
     assert plan.data.target_tokens == 8 * 4 * 6
     assert plan.worst_batch.rows >= 1 and any("samples its batches" in n for n in plan.notes)
+
+
+def test_progress_line_shows_the_rollout_metrics():
+    from tunesmith.train.progress import rollout_info
+
+    record = {"reward": 1.25, "reward/json_schema": 1.0, "reward/label": 0.5, "reward_std": 0.4, "kl": 0.0012,
+              "clip_fraction": 0.02, "completion_length": 11.5, "gen_tokens_per_s": 812.0,
+              "train_tokens_per_s": 2400.0}
+    assert rollout_info(record) == ("  reward 1.250  (json_schema 1.00, label 0.50)  std 0.400  kl 0.0012  "
+                                    "clip 0.020  len 11.5  gen 812  train 2,400")
+    assert rollout_info({"loss": 1.0}) == ""

@@ -36,8 +36,7 @@ class TrainProgress:
         if not self.enabled:
             return
         info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
-        if "reward" in record:  # online methods: what the sampled answers earned this step
-            info += f"  reward {record['reward']:.3f}"
+        info += rollout_info(record)
         if "eval_loss" in record:
             info += f"  eval {record['eval_loss']:.4f}"
         if self.bar is not None:
@@ -47,3 +46,20 @@ class TrainProgress:
         if now - self._last_print > 10 or record["step"] in (1, self.total) or "eval_loss" in record:
             self._last_print = now
             self.console.print(f"{self.label} step {record['step']}/{self.total}  {info}  eta {eta_s:,.0f}s")
+
+
+# what an online method's step measured, in the order shown: (metric, label, format)
+ROLLOUT_FIELDS = [("reward", "reward", ".3f"), ("reward_std", "std", ".3f"), ("kl", "kl", ".4f"),
+                  ("clip_fraction", "clip", ".3f"), ("completion_length", "len", ".1f"),
+                  ("gen_tokens_per_s", "gen", ",.0f"), ("train_tokens_per_s", "train", ",.0f")]
+
+
+def rollout_info(record: dict) -> str:
+    """The sampled answers' reward (total and per function), spread, KL, clipping, length and the speeds of
+    sampling and training (tok/s) — for a step of an online method; empty for the others."""
+    if "reward" not in record:
+        return ""
+    parts = [f"{label} {record[k]:{fmt}}" for k, label, fmt in ROLLOUT_FIELDS if k in record]
+    per = [f"{k.split('/', 1)[1]} {v:.2f}" for k, v in sorted(record.items()) if k.startswith("reward/")]
+    return "  " + "  ".join(parts[:1] + ([f"({', '.join(per)})"] if per else []) + parts[1:])
+
