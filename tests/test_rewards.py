@@ -121,6 +121,34 @@ def test_judge_reward_over_http():
     assert parse_score("I'd give it 10/10") == 1.0 and parse_score("8.5") == 0.85 and parse_score("eleven") is None
 
 
+class _Flaky(_Grader):
+    asked: list = []
+    failures = 1  # the first request gets HTTP 503, as an overloaded server answers
+
+    def do_POST(self):
+        if type(self).failures:
+            type(self).failures -= 1
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_POST()
+
+
+def test_judge_reward_retries_like_the_eval_judge():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1#grader"
+        rewards = build_rewards([RewardConfig(reward=f"judge:{url}")], 10)
+        rewards[0].endpoint.retry_wait = 0.01
+        assert score_answers(rewards, [answer("good")]) == [[0.7]] and _Flaky.failures == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def grpo_raw(**method_args):
     return {"method": "grpo", "data": {"train": "x.jsonl"}, "method_args": method_args}
 
