@@ -80,6 +80,8 @@ def test_cli_trains_and_logs_the_rollout_metrics(tiny_dir, tmp_path):
     assert r["logp_gap"] < 1e-5  # generating pass and training forward agree (fp32)
     assert 1 <= r["completion_length"] <= 6 and r["gen_tokens"] == 4 * 4 * r["completion_length"]
     assert "Reward (GRPO)" in (run_dir / "report.html").read_text()
+    table = (run_dir / "report.md").read_text()
+    assert all(f"| {k} |" in table for k in ("reward", "reward/f1", "reward/length", "clip_fraction", "logp_gap"))
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 

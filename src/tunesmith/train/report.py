@@ -86,8 +86,9 @@ def svg_chart(title: str, lines: dict[str, list[tuple[float, float]]]) -> str:
 def summary_rows(records: list[dict]) -> list[tuple[str, float, float, float, float]]:
     """(metric, first, last, min, max) for every charted metric that was logged."""
     rows = []
-    for _, names in CHARTS:
-        for name in names:
+    per_function = sorted({k for r in records for k in r if k.startswith(("reward/", "eval_reward/"))})
+    for _, names in CHARTS + [("", per_function), ("", ["logp_gap"])]:
+        for name in dict.fromkeys(names):
             ps = series(records, name)
             if ps:
                 values = [v for _, v in ps]
@@ -103,7 +104,7 @@ def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     title = f"{info.get('name', run_dir.name)} — {info.get('method', '?')}"
     charts = []
-    per_function = sorted({k for r in records for k in r if k.startswith("reward/")})
+    per_function = sorted({k for r in records for k in r if k.startswith(("reward/", "eval_reward/"))})
     for chart_title, names in CHARTS + [("Reward per function (GRPO, unweighted)", per_function)]:
         lines = {n: series(records, n) for n in names}
         lines = {n: ps for n, ps in lines.items() if ps}
