@@ -13,8 +13,8 @@ from transformers.models.llama import modeling_llama
 import tunesmith
 import tunesmith.model.adapters as adapters
 import tunesmith.model.fused as fused
-from tunesmith.train import recipe
 from tunesmith.data.batching import batch_order
+from tunesmith.train import recipe
 
 # ---------------------------------------------------------------- length-grouped batch order
 
