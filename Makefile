@@ -18,7 +18,7 @@ $(VENV)/.base:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.base pyproject.toml
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e ".[rag]"  # the demo's +rag:5 rung retrieves with BM25
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.base pyproject.toml

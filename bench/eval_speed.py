@@ -92,7 +92,7 @@ def end_to_end(n: int, batch_size: int, precision: str) -> dict:
     import tunesmith
 
     start = time.perf_counter()
-    result = tunesmith.evaluate(str(TEST), ["base"], ["exact"], base="default", max_examples=n,
+    result = tunesmith.evaluate(str(TEST), ["base"], metrics=["exact"], base="default", max_examples=n,
                                 max_new_tokens=16, batch_size=batch_size, device="cpu", precision=precision)
     seconds = time.perf_counter() - start
     agg = result.main.comparisons[0].aggregates["base"]

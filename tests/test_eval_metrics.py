@@ -170,3 +170,67 @@ def test_bad_specs_list_the_valid_ones(spec):
 def test_length_mismatch():
     with pytest.raises(TunesmithError, match="2 predictions but 1 references"):
         score_all(parse_metric("exact"), ["a", "b"], ["a"])
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ("the card arrived", "card arrived", 1.0),  # articles and case are normalised away (SQuAD)
+    ("my card has not arrived yet", "card not arrived", 2 * (3 / 6) * (3 / 3) / (3 / 6 + 3 / 3)),
+    ("Paris, France.", "paris", 2 * 0.5 * 1.0 / 1.5),
+    ("london", "paris", 0.0),
+    ("", "", 1.0),
+    ("", "paris", 0.0),
+    ("x y y", "y y z", 2 * (2 / 3) * (2 / 3) / (4 / 3)),  # repeated tokens count with multiplicity
+])
+def test_f1_by_hand(prediction, reference, expected):
+    metric = parse_metric("f1")
+    assert metric.binary is False and metric.unit == "pts"
+    assert metric.score(prediction, reference) == pytest.approx(expected)
+
+
+def test_json_fields_per_example_and_per_field_by_hand():
+    metric = parse_metric("json_fields")
+    ref = '{"intent": "card_arrival", "urgent": false, "entities": {"card": "visa", "amount": 10}}'
+    # 4 reference fields (intent, urgent, entities.card, entities.amount); the prediction gets intent and
+    # entities.card right, urgent wrong, misses amount and adds an extra field: tp 2, fp 2, fn 2
+    pred = '```json\n{"intent": "card_arrival", "urgent": true, "entities": {"card": "visa"}, "lang": "en"}\n```'
+    assert metric.score(pred, ref) == pytest.approx(2 * 2 / (2 * 2 + 2 + 2))
+    assert metric.score(ref, ref) == 1.0
+    assert metric.score("not json", ref) == 0.0
+    details = metric.details(pred, ref)
+    assert details["parsed"] is True and details["fields"]["urgent"] == [0, 1, 1]
+    from tunesmith.eval.metrics import per_field_scores
+
+    fields = per_field_scores(metric, [pred, ref, "oops"], [ref, ref, ref])
+    assert fields["intent"] == {"precision": 1.0, "recall": 2 / 3, "f1": 2 * 2 / (2 * 2 + 0 + 1), "support": 3}
+    assert fields["urgent"]["precision"] == 0.5 and fields["urgent"]["recall"] == pytest.approx(1 / 3)
+    assert fields["lang"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    with pytest.raises(TunesmithError, match="not a JSON object"):
+        metric.score("{}", "card_arrival")
+
+
+def test_python_metric_from_a_file_and_a_module(tmp_path, monkeypatch):
+    grader = tmp_path / "grader.py"
+    grader.write_text("def starts(prediction, reference, example):\n"
+                      "    return float(prediction.startswith(reference))\n"
+                      "def bad(prediction, reference, example):\n    return 2\n"
+                      "def boom(prediction, reference, example):\n    raise ValueError('no')\n")
+    metric = parse_metric(f"python:{grader}:starts")
+    assert metric.binary is False and metric.unit == "pts"
+    assert score_all(metric, ["card_arrival now", "x"], ["card", "card"]) == [1.0, 0.0]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "mygrader.py").write_text("def g(p, r, ex):\n    SEEN.append(ex)\n    return 1\nSEEN = []\n")
+    module_metric = parse_metric("python:mygrader:g")
+    assert score_all(module_metric, ["a"], ["b"], examples=["the example"]) == [1.0]
+    import mygrader
+
+    assert mygrader.SEEN == ["the example"]  # the function gets the eval example too
+    with pytest.raises(TunesmithError, match=r"(?s)returned 2 .*\[0, 1\]"):
+        score_all(parse_metric(f"python:{grader}:bad"), ["a"], ["a"])
+    with pytest.raises(TunesmithError, match="raised ValueError: no"):
+        score_all(parse_metric(f"python:{grader}:boom"), ["a"], ["a"])
+    with pytest.raises(TunesmithError, match="has no function nope"):
+        parse_metric(f"python:{grader}:nope")
+    with pytest.raises(TunesmithError, match="cannot import no_such_module"):
+        parse_metric("python:no_such_module:f")
+    with pytest.raises(TunesmithError, match="file not found"):
+        parse_metric(f"python:{tmp_path / 'missing.py'}:f")

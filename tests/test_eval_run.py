@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,7 +156,7 @@ def test_candidates_share_one_base_load_and_swap_adapters(env, tmp_path, monkeyp
 
     monkeypatch.setattr("tunesmith.eval.run.Engine", Spy)
     result = tunesmith.evaluate(env.eval, [str(env.fit), str(env.noop), "base", f"{env.fit}+fewshot:2"],
-                                ["exact"], train_data=env.train, device="cpu", precision="fp32",
+                                metrics=["exact"], train_data=env.train, device="cpu", precision="fp32",
                                 max_new_tokens=8)
     assert loads == [str(env.model)]  # the base is loaded once, for every candidate
     (engine,) = created
@@ -190,7 +191,7 @@ def test_require_win_fails_against_itself_and_passes_a_planted_win(env, tmp_path
     out = tmp_path / "noop"
     code = main(["eval", "--data", str(env.eval), "--candidates", f"base,{env.noop}", "--metric", "exact",
                  "--require-win", "--out", str(out), *COMMON])
-    assert code == 1
+    assert code == 6  # the verdict's own exit code
     err = capsys.readouterr().err
     assert f"{env.noop} does NOT beat base" in err and "The fine-tune does NOT win" in err
     assert json.loads((out / "results.json").read_text())["won"] is False  # written before failing
@@ -228,7 +229,7 @@ def test_loss_metric_matches_a_hand_computation_and_lower_is_better(env):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = tunesmith.evaluate(env.eval, ["base", str(env.fit)], ["loss"], device="cpu", precision="fp32")
+    result = tunesmith.evaluate(env.eval, ["base", str(env.fit)], metrics=["loss"], device="cpu", precision="fp32")
     (comparison,) = result.main.comparisons
     assert comparison.higher_is_better is False and comparison.unit == "nats"
     assert result.main.outputs == {}  # loss alone needs no generation
@@ -309,8 +310,8 @@ def test_local_judge_that_is_the_base_model_reuses_it(env, tmp_path, monkeypatch
     loads = []
     real = engine_module.load_model_and_tokenizer
     monkeypatch.setattr(engine_module, "load_model_and_tokenizer", lambda *a, **k: loads.append(1) or real(*a, **k))
-    result = tunesmith.evaluate(env.eval, ["base", str(env.fit)], ["exact"], judge=str(env.model), device="cpu",
-                                precision="fp32", max_new_tokens=4, max_examples=3)
+    result = tunesmith.evaluate(env.eval, ["base", str(env.fit)], metrics=["exact"], judge=str(env.model),
+                                device="cpu", precision="fp32", max_new_tokens=4, max_examples=3)
     judged = result.main.judge[(str(env.fit), "base")]
     assert len(loads) == 1  # the judge runs on the already loaded base model
     assert judged.n == 3 and len(judged.raw) == 3
@@ -363,9 +364,9 @@ def test_candidate_errors_are_clear(env, tmp_path, monkeypatch):
     info["model"] = "some/other-model"
     (other / "run.json").write_text(json.dumps(info))
     with pytest.raises(TunesmithError, match="different base models"):
-        tunesmith.evaluate(env.eval, [str(env.noop), str(other)], ["exact"], device="cpu")
+        tunesmith.evaluate(env.eval, [str(env.noop), str(other)], device="cpu")
     with pytest.raises(TunesmithError, match="needs training examples"):
-        tunesmith.evaluate(env.eval, ["base+fewshot:2", str(env.noop)], ["exact"], device="cpu")
+        tunesmith.evaluate(env.eval, ["base+fewshot:2", str(env.noop)], device="cpu")
     assert main(["eval", "--data", str(env.eval), "--candidates", "base", "--base", str(env.model),
                  "--metric", "bleu", *COMMON]) == 2
     assert main(["eval", "--data", str(env.eval), "--candidates", str(env.noop), "--regression",
@@ -388,3 +389,296 @@ def test_run_datasets_use_the_training_eval_split(env):
     assert held_out == expected_held.examples and train == expected_train.examples
     assert len(held_out) == 6 and len(train) == 18
     assert not {prompt_messages(x) for x in held_out} & {prompt_messages(x) for x in train}
+
+
+# ---------------------------------------------------------------- the ladder, end to end
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """An OpenAI-compatible model that answers the label; `fail_after` makes it go down after N requests."""
+
+    asked: list = []
+    fail_after: int | None = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).asked.append(body["messages"][-1]["content"])
+        if self.fail_after is not None and len(self.asked) > self.fail_after:
+            data = b'{"error": "down"}'
+            self.send_response(503)
+        else:
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": LABEL},
+                                            "finish_reason": "stop"}],
+                               "usage": {"prompt_tokens": 40, "completion_tokens": 4}}).encode()
+            self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def endpoint():
+    _Endpoint.asked, _Endpoint.fail_after = [], None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1#gpt-4o-mini"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_the_ladder_end_to_end(env, tmp_path, endpoint, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Answer with the label.")
+    out = tmp_path / "out"
+    cands = f"base,base+labels,base+rag:2,knn:3,base+prompt:{prompt},{endpoint},{env.fit}"
+    code = main(["eval", "--data", str(env.eval), "--candidates", cands, "--train-data", str(env.train),
+                 "--out", str(out), "--require-worth", *COMMON])
+    assert code == 6  # every training answer is the label, so a vote of neighbours is as good: not worth it
+    err = capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    usage = results["usage"]
+    names = ["base", "base+labels", "base+rag:2", "knn:3", f"base+prompt:{prompt}", endpoint, str(env.fit)]
+    assert results["candidates"] == names and set(usage) == set(names)
+    assert all(row["outputs"]["knn:3"] == LABEL for row in results["examples"])  # every neighbour says so
+    assert usage["base+labels"]["prompt_tokens"] > usage["base"]["prompt_tokens"]  # the label list is in it
+    assert usage["base+labels"]["cacheable_tokens"] > usage["base"]["cacheable_tokens"]  # ... shared by all
+    assert usage[endpoint]["prompt_tokens"] == 40 and usage[endpoint]["new_tokens"] == 4  # as the server says
+    assert usage[endpoint]["usd_per_1k"] == pytest.approx((40 * 0.15 + 4 * 0.60) / 1e6 * 1000)  # shipped prices
+    assert usage["knn:3"]["ran_on"].startswith("majority of 3 nearest") and usage["knn:3"]["prompt_tokens"] is None
+    for name in names:
+        if name != endpoint:
+            assert usage[name]["usd_per_1k"] > 0 and usage[name]["latency_p50"] > 0
+    assert len(_Endpoint.asked) == 12
+    ladder = [r["name"] for r in results["ladder"]]
+    costs = [r["usd_per_1k"] for r in results["ladder"]]
+    assert sorted(ladder) == sorted(names) and costs == sorted(costs)
+    worth = results["worth"]
+    assert (worth["tuned"], worth["baseline"], worth["worth_it"]) == (str(env.fit), "knn:3", False)
+    assert worth["line"].startswith(f"fine-tuning is not worth it: knn:3 is within the interval of {env.fit}")
+    assert f"note: knn:3 comes close to {env.fit}: +0.0 pts (95% CI +0.0 … +0.0): a vote of similar training " \
+           "examples, you may not need a language model" in err and f"note: {endpoint} comes close" in err
+    assert worth["line"] in err and "ladder (cheapest first; * = fine-tuned)" in err
+    assert f"--require-worth: {worth['line']}" in err
+    html = (out / "report.html").read_text()
+    assert "log scale" in html and "The ladder" in html and "<script" not in html
+    assert "## The ladder (exact, cheapest first)" in (out / "report.md").read_text()
+    rag = results["prompts_added"]["base+rag:2"]["rag"]
+    eval_prompts = set(env.eval_prompts)
+    train_rows = env.train.read_text().splitlines()
+    for sources in rag:  # retrieved shots are training rows, never eval prompts
+        for src in sources:
+            line = int(src.rsplit(":", 1)[1])
+            assert json.loads(train_rows[line - 1])["messages"][0]["content"] not in eval_prompts
+
+
+def test_endpoint_answers_survive_a_failure_and_resume_asks_only_the_rest(env, tmp_path, endpoint, capsys):
+    out = tmp_path / "out"
+    args = ["eval", "--data", str(env.eval), "--candidates", f"base,{endpoint}", "--base", str(env.model),
+            "--out", str(out), "--endpoint-retries", "0", "--endpoint-concurrency", "1", *COMMON]
+    _Endpoint.fail_after = 5
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{endpoint}: endpoint at http://127.0.0.1:" in err and "HTTP 503" in err
+    assert "the 5 answers received are kept in" in err and "--resume" in err
+    _Endpoint.asked, _Endpoint.fail_after = [], None
+    assert main([*args, "--resume"]) == 0
+    assert len(_Endpoint.asked) == 7  # only the 7 answers it had not given
+    err = capsys.readouterr().err
+    assert "12 answers of base kept from before" in err and f"5 answers of {endpoint} kept from before" in err
+    resumed = json.loads((out / "results.json").read_text())
+    assert [row["outputs"][endpoint] for row in resumed["examples"]] == [LABEL] * 12
+
+
+def test_cut_off_answers_are_counted_and_the_limit_defaults_from_the_references(env, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    code = main(["eval", "--data", str(env.eval), "--candidates", f"base,{env.fit}", "--out", str(out),
+                 "--device", "cpu", "--precision", "fp32", "--max-new-tokens", "3"])
+    assert code == 0
+    err = capsys.readouterr().err
+    label_tokens = len(AutoTokenizer.from_pretrained(env.model)(LABEL, add_special_tokens=False)["input_ids"])
+    assert label_tokens + 1 > 3
+    assert f"12 reference(s) are longer than max_new_tokens 3 (the longest is {label_tokens + 1} tokens)" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["usage"][str(env.fit)]["cut_off"] == 12  # even the fine-tune is cut: the warning was right
+    assert f"12 of 12 answers of {env.fit} stopped at max_new_tokens (3)" in err
+    assert all(row["answers"][str(env.fit)]["hit_limit"] for row in results["examples"])
+    assert f"12 of 12 answers of {env.fit} stopped" in (out / "report.md").read_text()
+
+    code = main(["eval", "--data", str(env.eval), "--candidates", f"base,{env.fit}", "--out", str(out),
+                 "--device", "cpu", "--precision", "fp32"])  # auto
+    results = json.loads((out / "results.json").read_text())
+    assert results["max_new_tokens"] == label_tokens + 1 + 8
+    assert results["usage"][str(env.fit)]["cut_off"] == 0
+    assert [row["answers"][str(env.fit)]["new_tokens"] for row in results["examples"]] == [label_tokens + 1] * 12
+    assert all(row["outputs"][str(env.fit)] == LABEL for row in results["examples"])
+
+
+def _stage_run(env, root: Path) -> Path:
+    """A two-stage run laid out as `tunesmith train` writes one: stage 1 the no-op adapter, stage 2 the fit one,
+    the run's own adapter the last stage's."""
+    run = root / "ms"
+    shutil.copytree(env.noop, run / "stages" / "1-sft")
+    shutil.copytree(env.fit, run / "stages" / "2-dpo", ignore=shutil.ignore_patterns("eval", "checkpoints"))
+    shutil.copytree(env.fit / "adapter", run / "adapter")
+    info = json.loads((env.fit / "run.json").read_text())
+    info["stages"] = [str(run / "stages" / "1-sft"), str(run / "stages" / "2-dpo")]
+    info.pop("eval", None)
+    (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+def test_each_stage_is_compared_with_the_stage_before(env, tmp_path, capsys):
+    run = _stage_run(env, tmp_path)
+    out = tmp_path / "out"
+    assert main(["eval", "--data", str(env.eval), "--candidates", f"base,{run}", "--out", str(out), *COMMON]) == 0
+    err = capsys.readouterr().err
+    first = str(run / "stages" / "1-sft")
+    results = json.loads((out / "results.json").read_text())
+    assert results["candidates"] == ["base", first, str(run)]
+    pairs = [(p["tuned"], p["baseline"]) for p in results["comparisons"][0]["pairs"]]
+    assert pairs == [(first, "base"), (str(run), first), (str(run), "base")]
+    assert f"{run} beats {first} by +100.0 pts" in err  # the second stage, against the first
+    assert f"{first} does NOT beat base" in err
+    assert f"The fine-tune does NOT win: 1 comparison(s) are not significant wins ({first} vs base)." in err
+    assert main(["eval", "--data", str(env.eval), "--candidates", f"base,{run}", "--out", str(out), "--no-stages",
+                 *COMMON]) == 0
+    assert json.loads((out / "results.json").read_text())["candidates"] == ["base", str(run)]
+
+
+def test_qlora_baselines_run_on_the_unquantised_base(env, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    qrun = shutil.copytree(env.fit, tmp_path / "qfit", ignore=shutil.ignore_patterns("eval", "checkpoints"))
+    info = json.loads((qrun / "run.json").read_text())
+    info.update(adapter_kind="qlora", quantize_embeddings=False, base_dtype="fp32", double_quant=True)
+    (qrun / "run.json").write_text(json.dumps(info))
+    result = tunesmith.evaluate(env.eval, ["base", str(qrun), str(env.fit)], device="cpu", precision="fp32",
+                                max_new_tokens=8, max_examples=4)
+    usage = result.main.usage
+    assert usage["base"].ran_on == f"{env.model} (fp32, cpu)"
+    assert usage[str(env.fit)].ran_on == f"{env.model} (fp32, cpu) + lora adapter"
+    assert usage[str(qrun)].ran_on == f"{env.model} (NF4 4-bit, cpu) + qlora adapter"
+    plain = tunesmith.evaluate(env.eval, ["base"], base=str(env.model), device="cpu", precision="fp32",
+                               max_new_tokens=8, max_examples=4)
+    assert result.main.outputs["base"] == plain.main.outputs["base"]  # the baseline is the unquantised base
+    assert "NF4 4-bit" in json.dumps(result.main.results["usage"])
+
+
+def test_require_worth_and_the_exit_codes(env, tmp_path, capsys, monkeypatch):
+    args = ["eval", "--data", str(env.eval), "--out", str(tmp_path / "o"), *COMMON]
+    assert main([*args, "--candidates", f"base,{env.fit}", "--require-worth"]) == 0
+    assert main([*args, "--candidates", f"base,{env.noop}", "--require-worth"]) == 6
+    err = capsys.readouterr().err
+    assert "--require-worth: fine-tuning is not worth it: base is within the interval of" in err
+
+    def boom(*a, **k):
+        raise RuntimeError("something broke\nsecond line")
+
+    monkeypatch.setattr("tunesmith.eval.run.evaluate", boom)
+    assert main([*args, "--candidates", "base"]) == 70
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: something broke (rerun with --debug" in err and "Traceback" not in err
+    assert "second line" not in err
+    assert main(["--debug", *args, "--candidates", "base"]) == 70
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("TUNESMITH_DEBUG", "1")
+    assert main([*args, "--candidates", "base"]) == 70
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_cli_flags_build_the_eval_config_and_defaults_live_there(env, tmp_path, monkeypatch):
+    from tunesmith.config import EvalConfig
+    from tunesmith.errors import ConfigError
+    from tunesmith.eval.run import eval_config
+
+    seen = {}
+    monkeypatch.setattr("tunesmith.eval.run.evaluate", lambda data, **kw: seen.update(kw, data=data))
+    assert main(["eval", "--data", "d.jsonl", "--candidates", "base,base+labels"]) == 0
+    settings = {k: v for k, v in seen.items() if k in EvalConfig.model_fields and k != "data"}
+    assert settings == {"candidates": "base,base+labels", "out": "eval"}  # nothing else: no second set of defaults
+    cfg = eval_config(None, dict(settings))
+    assert cfg == EvalConfig(candidates=["base", "base+labels"], out="eval")
+    assert cfg.max_new_tokens == "auto" and cfg.batch_size == 16 and cfg.metrics == ["exact"]
+    main(["eval", "--data", "d", "--candidates", "base", "--max-new-tokens", "12", "--no-stages", "--resume",
+          "--rate-limit", "30", "--out", "x"])
+    cfg = eval_config(None, {k: v for k, v in seen.items() if k in EvalConfig.model_fields and k != "data"})
+    assert (cfg.max_new_tokens, cfg.by_stage, cfg.resume, cfg.endpoint_rate_limit) == (12, False, True, 30.0)
+    with pytest.raises(ConfigError, match=r"eval\.batch_size.*greater than or equal to 1"):
+        eval_config({"batch_size": 0}, {})
+    with pytest.raises(ConfigError, match=r"eval\.max_new_token.*unknown key.*did you mean 'max_new_tokens'"):
+        eval_config(EvalConfig(), {"max_new_token": 3})
+    assert main(["eval", "--data", "d", "--candidates", "base", "--batch-size", "0"]) == 0  # validated in evaluate
+
+
+def test_evaluate_takes_an_eval_config(env, tmp_path):
+    from tunesmith.config import EvalConfig
+
+    cfg = EvalConfig(candidates=["base", str(env.fit)], metrics=["exact"], max_new_tokens=8, max_examples=4,
+                     device="cpu", precision="fp32", out=str(tmp_path / "o"))
+    result = tunesmith.evaluate(env.eval, cfg)
+    assert result.won is False and result.main.results["n"] == 4  # 4 examples are too few to be significant
+    assert (tmp_path / "o" / "results.json").exists()
+    again = tunesmith.evaluate(env.eval, cfg.model_dump(), max_examples=4)
+    assert again.main.outputs == result.main.outputs
+
+
+def test_embedding_retrieval_and_documents_end_to_end(env, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "faq.md").write_text("Cards arrive within a week.\n\nThe fox is quick and brown.")
+    result = tunesmith.evaluate(env.eval, ["knn:1:embed", "base+rag:1:embed", "base+docs:1"], train_data=env.train,
+                                docs=str(docs), base=str(env.model), device="cpu", precision="fp32",
+                                max_new_tokens=4, max_examples=4)
+    assert result.main.outputs["knn:1:embed"] == [LABEL] * 4
+    added = result.main.results["prompts_added"]
+    assert all(len(s) == 1 for s in added["base+rag:1:embed"]["rag"]) and len(added["base+docs:1"]["docs"]) == 4
+    # with a separate encoder folder (any Hugging Face model; here the tiny one) instead of the base model
+    again = tunesmith.evaluate(env.eval, ["knn:2:embed"], train_data=env.train, embedder=str(env.model),
+                               base=str(env.model), device="cpu", precision="fp32", max_examples=4)
+    assert again.main.outputs["knn:2:embed"] == [LABEL] * 4
+    from tunesmith.eval.candidates import Candidate
+
+    engine = engine_module.Engine(str(env.model), [Candidate("base")], device="cpu", precision="fp32", batch_size=2)
+    vectors = engine.embed(["hello world", "the quick brown fox", "hello world"])
+    assert vectors.shape == (3, 64) and np.allclose(vectors[0], vectors[2], atol=1e-5)
+    assert not np.allclose(vectors[0], vectors[1])
+
+
+def test_prompt_inputs_fail_before_a_model_is_loaded(env, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(engine_module, "load_model_and_tokenizer", lambda *a, **k: loads.append(a))
+    free = tmp_path / "free.jsonl"
+    _write(free, _prompts(3, seed=4, length=3), answer=" ".join(["a long free text answer"] * 5))
+    with pytest.raises(TunesmithError, match="label-style training data"):
+        tunesmith.evaluate(env.eval, ["base+labels"], train_data=free, base=str(env.model), device="cpu")
+    with pytest.raises(TunesmithError, match="pass --docs FOLDER"):
+        tunesmith.evaluate(env.eval, ["base+docs:2"], base=str(env.model), device="cpu")
+    with pytest.raises(TunesmithError, match="no such folder"):
+        tunesmith.evaluate(env.eval, ["base+docs:2"], docs=str(tmp_path / "nope"), base=str(env.model))
+    with pytest.raises(TunesmithError, match="loss metric needs log-probs"):
+        tunesmith.evaluate(env.eval, ["base", "knn:2"], metrics=["loss"], train_data=env.train, base=str(env.model))
+    with pytest.raises(TunesmithError, match="--resume needs the output folder"):
+        tunesmith.evaluate(env.eval, ["base"], resume=True, base=str(env.model))
+    assert loads == []
+
+
+def test_max_examples_is_a_seeded_sample_in_file_order_not_the_first_n():
+    from tunesmith.eval.run import subsample
+
+    rows = [_conv(f"q{i}", LABEL if i < 50 else "other", i + 1) for i in range(100)]  # sorted by label
+    picked = subsample(rows, 10, seed=0)
+    lines = [ex.source.line for ex in picked]
+    assert len(picked) == 10 and lines == sorted(lines) and lines != list(range(1, 11))
+    assert {ex.messages[-1].content for ex in picked} == {LABEL, "other"}  # both halves of a sorted file
+    assert [ex.source.line for ex in subsample(rows, 10, seed=0)] == lines  # the same sample every time
+    assert [ex.source.line for ex in subsample(rows, 10, seed=1)] != lines  # sample_seed picks another
+    assert subsample(rows, 200, seed=0) == rows and subsample(rows, None, seed=0) == rows

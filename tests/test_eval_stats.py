@@ -192,3 +192,38 @@ def test_compare_errors():
     with pytest.raises(TunesmithError, match="non-empty"):
         bootstrap_ci([])
     assert require_win(compare({"a": [1.0]}, ["a"], [], EXACT))[0] is False
+
+
+@pytest.mark.parametrize("k, n", [(0, 12), (12, 12), (3, 10), (87, 200), (1, 1), (500, 1000)])
+def test_wilson_interval_matches_scipy(k, n):
+    from tunesmith.eval.stats import wilson_ci
+
+    mean, lo, hi = wilson_ci([1] * k + [0] * (n - k))
+    ci = sps.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert mean == k / n
+    assert lo == pytest.approx(ci.low, abs=1e-9) and hi == pytest.approx(ci.high, abs=1e-9)
+
+
+def test_binary_aggregates_use_wilson_so_zero_is_not_an_empty_interval():
+    zeros, ones = [0.0] * 20, [1.0] * 20
+    comparison = compare({"tuned": ones, "base": zeros}, ["tuned"], ["base"], EXACT)
+    base = comparison.aggregates["base"]
+    assert (base.mean, base.lo) == (0.0, 0.0) and base.hi == pytest.approx(0.1611, abs=1e-4)
+    assert "base: 0.0% (95% CI 0.0 … 16.1, n = 20)" in comparison.summary()
+    tuned = comparison.aggregates["tuned"]
+    assert tuned.lo == pytest.approx(0.8389, abs=1e-4) and tuned.hi == 1.0
+    with pytest.raises(TunesmithError, match="binary"):
+        from tunesmith.eval.stats import wilson_ci
+
+        wilson_ci([0.5, 1.0])
+
+
+def test_explicit_pairs_compare_a_stage_with_the_stage_before():
+    rng = np.random.default_rng(3)
+    sft = (rng.random(300) < 0.7).astype(float)
+    dpo = sft.copy()
+    dpo[:60] = 0.0  # the second stage broke 60 examples the first got right or wrong
+    comparison = compare({"sft": sft, "dpo": dpo, "base": np.zeros(300)}, ["sft", "dpo"], ["base"], EXACT,
+                         pairs=[("sft", "base"), ("dpo", "sft"), ("dpo", "base")])
+    assert [(p.tuned, p.baseline) for p in comparison.pairs] == [("sft", "base"), ("dpo", "sft"), ("dpo", "base")]
+    assert comparison.pairs[1].outcome == "worse" and "dpo is WORSE than sft" in comparison.pairs[1].verdict

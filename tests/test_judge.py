@@ -204,7 +204,7 @@ def test_openai_judge_errors_name_the_url(server):
     with pytest.raises(TunesmithError, match=r"127\.0\.0\.1.*HTTP 404.*not found"):
         OpenAIJudge(server, "missing", timeout=TIMEOUT).ask(["q"])
     with pytest.raises(TunesmithError, match=r"127\.0\.0\.1.*not a chat completion"):
-        OpenAIJudge(server, "broken", timeout=TIMEOUT).ask(["q"])
+        OpenAIJudge(server, "broken", timeout=TIMEOUT, retry_wait=0.01).ask(["q"])  # retried, then an error
     with pytest.raises(TunesmithError, match=r"127\.0\.0\.1.*cannot reach"):
         OpenAIJudge(server, "slow", timeout=0.2, retries=0).ask(["q"])
 

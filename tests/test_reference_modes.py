@@ -59,12 +59,14 @@ def test_live_reference_leaves_training_weights_untouched(tiny_dir):
     """The swap in and out of the step-0 weights is exact, and gradients still reach the live weights."""
     from tunesmith.data.batching import collate
     from tunesmith.data.render import Tokenized
+    from tunesmith.methods.logps import sequence_logps
     from tunesmith.methods.reference import LiveReference
     from tunesmith.model.device import make_runtime
     from tunesmith.model.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(tiny_dir), precision="fp32")
-    ref = LiveReference(model, "initial-weights", make_runtime("cpu", "fp32"), 1024)
+    fresh, _ = load_model_and_tokenizer(str(tiny_dir), precision="fp32")
+    ref = LiveReference(model, "initial-weights", make_runtime("cpu", "fp32"), lambda b: sequence_logps(model, b))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
@@ -73,8 +75,8 @@ def test_live_reference_leaves_training_weights_untouched(tiny_dir):
     batch = collate([seq], 0)
     step0 = ref("train", [seq], batch)
     assert all(torch.equal(p, after[n]) for n, p in model.named_parameters())
-    from tunesmith.methods.logps import sequence_logps
-
+    with torch.no_grad():
+        torch.testing.assert_close(step0.logp_sum, sequence_logps(fresh, batch).logp_sum)  # the step-0 model's
     now = sequence_logps(model, batch)
     assert not torch.allclose(now.logp_sum, step0.logp_sum)
     now.logp_sum.sum().backward()

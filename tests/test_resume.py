@@ -109,16 +109,14 @@ def test_sigterm_finishes_the_step_saves_and_exits_75(tiny_dir, tmp_path, uninte
 
 
 def test_crash_while_writing_leaves_previous_checkpoint(tiny_dir, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = checkpoint._rng_state
+    real = checkpoint.save_file
 
-    def failing_rng_state():
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def disk_full_at_step_3(tensors, path):  # the third checkpoint's first file hits a full disk
+        if ".tmp-step-000003" in str(path):
             raise OSError(28, "No space left on device")
-        return real()
+        return real(tensors, path)
 
-    monkeypatch.setattr(checkpoint, "_rng_state", failing_rng_state)
+    monkeypatch.setattr(checkpoint, "save_file", disk_full_at_step_3)
     with pytest.raises(TunesmithError) as e:
         tunesmith.train(yaml.safe_load(make_config(tiny_dir, tmp_path).read_text()), progress=False)
     assert "No space left" in e.value.message and "previous checkpoint is intact" in e.value.hint

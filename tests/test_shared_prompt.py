@@ -135,7 +135,8 @@ def test_reference_pass_with_pairs_equals_sequences_alone(model):
     for share in (True, False):
         scored[share] = {}
         method = get_method("dpo", MethodConfig(share_prompt=share))
-        score_batches(model, method, groups, PAD, 64, rt, 1024, scored[share])
+        score_batches(lambda b: sequence_logps(model, b), method, [(g, True) for g in groups], PAD, 64, rt,
+                      scored[share])
     assert set(scored[True]) == set(scored[False]) and len(scored[True]) == 10
     keys = sorted(scored[True])
     shared, alone = (torch.tensor([scored[s][k] for k in keys]) for s in (True, False))

@@ -12,6 +12,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .api import (  # noqa: E402
     ChatModel,
+    EvalConfig,
     EvalResult,
     Plan,
     Run,
@@ -25,5 +26,5 @@ from .api import (  # noqa: E402
     train,
 )
 
-__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "evaluate", "load_config",
-           "open_adapters", "open_model", "parse_config", "plan", "train"]
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "evaluate",
+           "load_config", "open_adapters", "open_model", "parse_config", "plan", "train"]

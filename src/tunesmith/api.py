@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .config import RunConfig, load_config, parse_config
+from .config import EvalConfig, RunConfig, load_config, parse_config
 from .eval.run import EvalResult, evaluate
 from .plan import Plan
 from .train.recipe import Run
@@ -49,9 +49,11 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     cfg = _as_config(config, overrides)
     planned = _plan_before_training(cfg, console, force)
     run = run_training(cfg, console=console, progress=progress, resume=resume)
+    from .train.parallel import world_from_env
+
     if planned is not None:
         _record_plan(run, planned)
-    if evaluate and cfg.eval is not None:
+    if evaluate and cfg.eval is not None and world_from_env()[0] == 0:  # under torchrun: rank 0 evaluates
         from .eval.run import evaluate_run
 
         run.info["eval"] = evaluate_run(run, console=console)
@@ -169,5 +171,5 @@ def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str
     return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
 
 
-__all__ = ["ChatModel", "EvalResult", "Plan", "Run", "RunConfig", "evaluate", "load_config", "open_adapters",
-           "open_model", "parse_config", "plan", "train"]
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "evaluate", "load_config",
+           "open_adapters", "open_model", "parse_config", "plan", "train"]

@@ -7,6 +7,13 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+# Exit codes of every `tunesmith` command (README and docs/reliability.md list them).
+EXIT_OK = 0
+EXIT_INPUT = 2  # invalid input: config, data, model path, candidate, metric
+EXIT_VERDICT = 6  # the verdict failed: --require-win / --require-worth (or eval.require_*)
+EXIT_INTERNAL = 70  # an unexpected error inside tunesmith (a bug): a one-line message, the traceback with --debug
+EXIT_INTERRUPTED = 130  # Ctrl-C outside training
+
 
 def suggest(key: str, options: Iterable[str]) -> str:
     """A hint for an unknown key: the closest valid one, or the list of valid ones."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError, Problem
 from .checks import cross_check, stage_section_problems
@@ -28,6 +28,15 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
                  for q in stage_section_problems(i, st.get("train"), st.get("method_args"))]
         raise ConfigError(problems_from(e) + inner, title=f"invalid config {source}") from None
     return validated(cfg, source)
+
+
+def parse_section(section: type[BaseModel], raw: dict[str, Any], where: str) -> Any:
+    """Validate one section on its own (e.g. the EvalConfig that `tunesmith eval` builds from its flags);
+    raise ConfigError listing every problem, each at `where.<key>`."""
+    try:
+        return section.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(problems_from(e, section, where), title=f"invalid {where} settings") from None
 
 
 def validated(cfg: RunConfig, source: str = "config") -> RunConfig:
@@ -115,9 +124,10 @@ def _resolve_relative_paths(raw: dict[str, Any], root: Path) -> None:
                 data[key] = fix(data[key])
     ev = raw.get("eval")
     if isinstance(ev, dict):
-        for key in ("data", "regression"):
+        for key in ("data", "regression", "train_data", "docs", "prices", "embedder"):
             if key in ev:
                 ev[key] = fix(ev[key])
+        _resolve_eval_files(ev, fix)
     for st in raw.get("stages") or []:
         if isinstance(st, dict):
             if isinstance(st.get("data"), str):
@@ -146,6 +156,33 @@ def _reward_paths(reward: Any, root: Path) -> Any:
         return reward
     fixed = f"{kind}:{root / arg}"
     return {**reward, "reward": fixed} if isinstance(reward, dict) else fixed
+
+
+def _resolve_eval_files(ev: dict[str, Any], fix: Any) -> None:
+    """Files named inside eval specs are relative to the config too: `json_schema:FILE`, `choice:FILE`,
+    `python:FILE.py:FUNCTION` metrics and `+prompt:FILE` candidates."""
+    import re
+
+    def metric(spec: Any) -> Any:
+        if not isinstance(spec, str):
+            return spec
+        kind, sep, arg = spec.partition(":")
+        if kind in ("json_schema", "choice") and sep:
+            return f"{kind}:{fix(arg)}"
+        if kind == "python" and ".py:" in arg:
+            path, _, fn = arg.rpartition(":")
+            return f"python:{fix(path)}:{fn}"
+        return spec
+
+    def candidate(spec: Any) -> Any:
+        if not isinstance(spec, str) or "+prompt:" not in spec:
+            return spec
+        return re.sub(r"\+prompt:([^+]+)", lambda m: "+prompt:" + str(fix(m.group(1))), spec)
+
+    if isinstance(ev.get("metrics"), list):
+        ev["metrics"] = [metric(m) for m in ev["metrics"]]
+    if isinstance(ev.get("candidates"), list):
+        ev["candidates"] = [candidate(c) for c in ev["candidates"]]
 
 
 def dump_config(cfg: RunConfig) -> str:

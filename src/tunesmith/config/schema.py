@@ -146,20 +146,55 @@ class TrainConfig(Section):
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
     skip_nonfinite: int = Field(0, ge=0)
+    # several processes (torchrun): auto = DDP when a full replica fits on each device, FSDP2 otherwise
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    fsdp_cpu_offload: bool = False  # FSDP2: keep parameters, gradients and optimizer state in CPU memory
+    # examples (pairs) per optimizer step over all processes; sets grad_accum = global / (micro x processes)
+    global_batch_size: int | None = Field(None, ge=1)
+    dist_timeout_s: float = Field(600.0, gt=0)  # how long a collective waits for a rank that stopped
     ignore_plan: bool = False  # train even when `tunesmith plan` says the run cannot fit its device
 
 
 class EvalConfig(Section):
-    data: str | None = None
+    """Every setting of the comparison eval, in one place: a config's `eval:` section, `tunesmith eval`'s
+    flags and `tunesmith.evaluate(...)` all build this."""
+
+    data: str | None = None  # held-out examples (in a run config: else data.eval or the eval split)
     candidates: list[str] = Field(default_factory=lambda: ["base", "base+fewshot:5", "tuned"])
     metrics: list[str] = Field(default_factory=lambda: ["exact"])
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int | Literal["auto"] = "auto"  # auto: the longest reference's tokens plus a margin
     batch_size: int = Field(16, ge=1)
-    max_examples: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(None, ge=1)  # a seeded random sample of this many, kept in file order
+    sample_seed: int = 0
     fewshot_seed: int = 0
-    require_win: bool = False
+    require_win: bool = False  # fail unless every tuned candidate beats every baseline
+    require_worth: bool = False  # fail unless the best fine-tune beats the best rung without fine-tuning
     judge: str | None = None
     regression: str | None = None
+    base: str | None = None  # the base model (default: the runs' own)
+    train_data: str | None = None  # where shots, labels and retrieval come from (default: the run's)
+    data_format: str = "auto"
+    docs: str | None = None  # a folder of documents for +docs:K
+    system_prompt: str | None = None  # for prompts without one (default: the run's data.system_prompt)
+    by_stage: bool = True  # a multi-stage run is evaluated stage by stage, each against the one before
+    prices: str | None = None  # a price table overriding entries of the shipped one
+    device_price: str | None = None  # the price table's device the local candidates are priced as
+    embedder: str | None = None  # embedding model for :embed retrieval (default: the base model)
+    resume: bool = False  # reuse the answers an earlier, interrupted eval kept in <out>/answers
+    out: str | None = None
+    device: Literal["auto", "cpu", "cuda", "mps"] | None = None  # None: the run's device, else auto
+    precision: Literal["auto", "bf16", "fp16", "fp32"] | None = None
+    endpoint_concurrency: int = Field(4, ge=1)  # requests in flight per endpoint
+    endpoint_rate_limit: float | None = Field(None, gt=0)  # requests per minute per endpoint
+    endpoint_retries: int = Field(4, ge=0)
+    endpoint_timeout: float = Field(60.0, gt=0)  # seconds per request
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_limit(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
 
 
 class StageConfig(Section):

@@ -1,4 +1,4 @@
-"""One base model in memory answering as any candidate: the plain base, or the base with a run's adapter
+"""The base model in memory answering as any local candidate: the plain base, or the base with a run's adapter
 switched on. Generation uses the serving chat template (`Generator`); the `loss` metric scores the reference
 answer's tokens with the same template and label mask as training."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data.batching import collate
@@ -18,57 +19,128 @@ from ..model.device import make_runtime
 from ..model.generate import Generator
 from ..model.load import load_model_and_tokenizer
 from ..model.swap import AdapterSet
+from .answers import Answer
 from .candidates import Candidate
+
+
+class _Backend:
+    """One loaded copy of the base model with the adapters of the runs it serves."""
+
+    def __init__(self, base: str, rt, runs: Sequence[Candidate], quantize: bool, settings: dict, tokenizer_runs,
+                 batch_size: int, max_new_tokens: int, system_prompt: str | None):
+        dtype = "fp32" if rt.precision == "fp32" else rt.precision
+        model, tokenizer = load_model_and_tokenizer(base, device=rt.device, precision=rt.precision, dtype=dtype,
+                                                    quantize_nf4=quantize, **settings)
+        self.quantized = quantize
+        self.tokenizer = _run_tokenizer(tokenizer_runs) or tokenizer
+        self.adapters = AdapterSet(model)
+        self.adapter_of: dict[Path, str] = {}
+        for c in runs:
+            key = c.run.resolve()  # type: ignore[union-attr]
+            if key not in self.adapter_of:
+                self.adapter_of[key] = f"candidate{len(self.adapter_of)}"
+                self.adapters.add(self.adapter_of[key], c.adapter)  # type: ignore[arg-type]
+        self.generator = Generator(self.adapters.model, self.tokenizer, device=rt.device, precision=rt.precision,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt)
+
+    def use(self, candidate: Candidate | None) -> None:
+        run = None if candidate is None else candidate.run
+        self.adapters.use(None if run is None else self.adapter_of[run.resolve()])
 
 
 class Engine:
     """Loads `base` once and attaches the adapter of every tuned candidate (a run used by several candidates,
-    e.g. with and without few-shot, is attached once)."""
+    e.g. with and without few-shot, is attached once). QLoRA runs answer on the 4-bit base they were trained
+    on; every other candidate, the baselines above all, on the unquantised base (what a user would deploy
+    without fine-tuning), so with QLoRA runs and local baselines the base is loaded twice (once in NF4)."""
 
     def __init__(self, base: str, candidates: Sequence[Candidate], device: str = "auto", precision: str = "auto",
-                 batch_size: int = 16, max_new_tokens: int = 64, system_prompt: str | None = None):
+                 batch_size: int = 16, max_new_tokens: int = 64, system_prompt: str | None = None,
+                 plain_base: bool = False):
         runs = [c for c in candidates if c.run is not None]
         self.rt = make_runtime(device, precision)
-        quantize = bool(runs) and all((c.info or {}).get("adapter_kind") == "qlora" for c in runs)
-        dtype = "fp32" if self.rt.precision == "fp32" else self.rt.precision
-        settings = _quantised_base(runs) if quantize else {}
-        model, tokenizer = load_model_and_tokenizer(base, device=self.rt.device, precision=self.rt.precision,
-                                                    dtype=dtype, quantize_nf4=quantize, **settings)
+        qlora = [c for c in runs if (c.info or {}).get("adapter_kind") == "qlora"]
+        others = [c for c in runs if c not in qlora]
+        needs_plain = plain_base or bool(others) or any(c.local and not c.tuned for c in candidates) or not runs
         self.base = base
-        self.tokenizer = _run_tokenizer(runs) or tokenizer
-        self.adapters = AdapterSet(model)
-        self._adapter_of: dict[Path, str] = {}
-        for c in runs:
-            key = c.run.resolve()  # type: ignore[union-attr]
-            if key not in self._adapter_of:
-                self._adapter_of[key] = f"candidate{len(self._adapter_of)}"
-                self.adapters.add(self._adapter_of[key], c.adapter)  # type: ignore[arg-type]
         self.batch_size = batch_size
         self.system_prompt = system_prompt
-        self.generator = Generator(self.adapters.model, self.tokenizer, device=self.rt.device,
-                                   precision=self.rt.precision, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, system_prompt=system_prompt)
+        self._backends: dict[bool, _Backend] = {}
+        if needs_plain:
+            self._backends[False] = _Backend(base, self.rt, others, False, {}, runs, batch_size, max_new_tokens,
+                                             system_prompt)
+        if qlora:
+            self._backends[True] = _Backend(base, self.rt, qlora, True, _quantised_base(qlora), runs, batch_size,
+                                            max_new_tokens, system_prompt)
+        first = next(iter(self._backends.values()))
+        self.tokenizer = first.tokenizer
+
+    def _backend(self, candidate: Candidate | None) -> _Backend:
+        quantized = candidate is not None and (candidate.info or {}).get("adapter_kind") == "qlora"
+        return self._backends[quantized] if quantized in self._backends else next(iter(self._backends.values()))
+
+    @property
+    def adapters(self) -> AdapterSet:
+        return self._backend(None).adapters
+
+    @property
+    def generator(self) -> Generator:
+        return self._backend(None).generator
 
     @property
     def model(self) -> torch.nn.Module:
         return self.adapters.model
 
+    def ran_on(self, candidate: Candidate) -> str:
+        """What the candidate ran on, for the report: the base, its precision or NF4, and the adapter."""
+        backend = self._backend(candidate)
+        weights = "NF4 4-bit" if backend.quantized else self.rt.precision
+        adapter = f" + {(candidate.info or {}).get('adapter_kind', 'lora')} adapter" if candidate.tuned else ""
+        return f"{self.base} ({weights}, {self.rt.device.type}){adapter}"
+
     def use(self, candidate: Candidate | None) -> None:
         """Switch to a candidate's adapter (None or an untuned candidate: the plain base model)."""
-        run = None if candidate is None else candidate.run
-        self.adapters.use(None if run is None else self._adapter_of[run.resolve()])
+        self._backend(candidate).use(candidate)
 
     def generate(self, candidate: Candidate, prompts: Sequence[Sequence[Message]]) -> list[str]:
-        self.use(candidate)
-        return self.generator.generate(prompts)
+        return [a.text for a in self.answer(candidate, prompts)]
+
+    def answer(self, candidate: Candidate, prompts: Sequence[Sequence[Message]],
+               max_new_tokens: int | None = None) -> list[Answer]:
+        backend = self._backend(candidate)
+        backend.use(candidate)
+        out = backend.generator.generate_detailed(prompts, max_new_tokens=max_new_tokens)
+        return [Answer(g.text, g.prompt_tokens, g.new_tokens, g.hit_limit, g.seconds, None, g.share_seconds)
+                for g in out]
+
+    def prompt_ids(self, candidate: Candidate, prompt: Sequence[Message]) -> list[int]:
+        return self._backend(candidate).generator.prompt_ids(prompt)
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Mean of the base model's last hidden states over each text's tokens (adapters off): the
+        embedding retriever's vectors when no other embedding model is given."""
+        backend = self._backend(None)
+        backend.use(None)
+        model, tok = backend.adapters.model, backend.tokenizer
+        out = []
+        for k in range(0, len(texts), self.batch_size):
+            enc = tok(list(texts[k:k + self.batch_size]), return_tensors="pt", padding=True, truncation=True,
+                      max_length=512, add_special_tokens=False)
+            enc = {n: v.to(self.rt.device) for n, v in enc.items()}
+            hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1))
 
     @torch.no_grad()
     def nll(self, candidate: Candidate, prompts: Sequence[Sequence[Message]],
             targets: Sequence[Sequence[Message]]) -> list[float]:
         """Mean negative log-likelihood (nats per token) of each target's assistant tokens given its prompt,
         with exactly the tokens training would train (the turn's content and its end-of-turn token)."""
-        self.use(candidate)
-        renderer = Renderer(self.tokenizer, max_length=1 << 30, system_prompt=self.system_prompt)
+        backend = self._backend(candidate)
+        backend.use(candidate)
+        renderer = Renderer(backend.tokenizer, max_length=1 << 30, system_prompt=self.system_prompt)
         seqs = []
         for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
             context = tuple(Message(m.role, m.content, train=False) for m in prompt)
@@ -77,15 +149,16 @@ class Engine:
                 raise TunesmithError(f"eval example {i}: its reference answer renders to no tokens",
                                      "every eval example needs a non-empty assistant answer")
             seqs.append(item)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = backend.tokenizer.pad_token_id if backend.tokenizer.pad_token_id is not None else 0
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = [0.0] * len(seqs)
-        self.model.eval()
+        model = backend.adapters.model
+        model.eval()
         for k in range(0, len(order), self.batch_size):
             chunk = order[k:k + self.batch_size]
             batch = collate([seqs[i] for i in chunk], pad).to(self.rt.device)
             with self.rt.autocast():
-                logps = sequence_logps(self.model, batch)
+                logps = sequence_logps(model, batch)
             for row, i in enumerate(chunk):
                 out[i] = float(-logps.logp_sum[row] / logps.n_tokens[row].clamp(min=1))
         return out
@@ -93,8 +166,9 @@ class Engine:
     def chat_fn(self, max_new_tokens: int = 16) -> Callable[[list[str]], list[str]]:
         """prompt texts → replies of the plain base model (used when the judge is the base model itself)."""
         def ask(texts: list[str]) -> list[str]:
-            self.use(None)
-            return self.generator.generate([[Message("user", t)] for t in texts], max_new_tokens=max_new_tokens)
+            backend = self._backend(None)
+            backend.use(None)
+            return backend.generator.generate([[Message("user", t)] for t in texts], max_new_tokens=max_new_tokens)
 
         return ask
 
@@ -121,6 +195,32 @@ def local_judge_fn(spec: str, device: str, precision: str, batch_size: int,
     generator = Generator(model, tokenizer, device=rt.device, precision=rt.precision, batch_size=batch_size,
                           max_new_tokens=max_new_tokens)
     return lambda texts: generator.generate([[Message("user", t)] for t in texts])
+
+
+def embedder_fn(spec: str, device: str, precision: str, batch_size: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """A local embedding model (a Hugging Face folder of any encoder, e.g. a sentence-transformers model):
+    the mean of its last hidden states over each text's tokens."""
+    from transformers import AutoModel, AutoTokenizer
+
+    rt = make_runtime(device, precision)
+    if not Path(spec).is_dir():
+        raise TunesmithError(f"embedding model {spec}: not a local folder",
+                             "give the folder of a Hugging Face encoder (models are never downloaded at run time)")
+    tok, model = AutoTokenizer.from_pretrained(spec), AutoModel.from_pretrained(spec).to(rt.device).eval()
+
+    @torch.no_grad()
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        out = []
+        for k in range(0, len(texts), batch_size):
+            enc = tok(list(texts[k:k + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                      max_length=512)
+            enc = {n: v.to(rt.device) for n, v in enc.items()}
+            hidden = model(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1))
+
+    return embed
 
 
 def _quantised_base(runs: Sequence[Candidate]) -> dict:

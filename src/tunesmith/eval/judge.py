@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.endpoint import ChatEndpoint, chat_completions_url, split_endpoint
 from tunesmith.eval.stats import binom_two_sided
-from tunesmith.model.endpoint import ChatEndpoint, chat_completions_url, split_endpoint
 
 __all__ = ["Judge", "JudgeResult", "LocalJudge", "OpenAIJudge", "chat_completions_url", "judge_from_url",
            "judge_pairs", "parse_verdict"]
@@ -178,9 +178,11 @@ class OpenAIJudge:
     """A judge served by an OpenAI-compatible chat completions endpoint (greedy, short answers)."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
-                 max_tokens: int = 16, concurrency: int = 4, retries: int = 2, retry_wait: float = 1.0):
+                 max_tokens: int = 16, concurrency: int = 4, retries: int = 2, retry_wait: float = 1.0,
+                 rate_limit: float | None = None):
         self.endpoint = ChatEndpoint(url, model, api_key=api_key, timeout=timeout, retries=retries,
-                                     retry_wait=retry_wait, concurrency=concurrency, what="judge")
+                                     retry_wait=retry_wait, concurrency=concurrency, rate_limit=rate_limit,
+                                     what="judge")
         self.url, self.model, self.api_key = self.endpoint.url, model, api_key
         self.max_tokens = max_tokens
 
@@ -194,5 +196,5 @@ class OpenAIJudge:
 
 def judge_from_url(spec: str, api_key: str | None = None, timeout: float = 60.0) -> OpenAIJudge:
     """`http://localhost:8000/v1#qwen2.5-7b-instruct` → an OpenAIJudge for that server and model."""
-    url, model = split_endpoint(spec, "judge")
+    url, model = split_endpoint(spec)
     return OpenAIJudge(url, model, api_key=api_key, timeout=timeout)

@@ -6,15 +6,26 @@ NLL for `loss`. Aggregation and significance live in `stats.py`; nothing here kn
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.scoring import load_labels, load_schema, normalize, schema_error, strip_code_fence  # noqa: F401
+from tunesmith.methods.scoring import (  # noqa: F401 - the eval's names for them
+    answer_tokens,
+    load_labels,
+    load_schema,
+    normalize,
+    schema_error,
+    strip_code_fence,
+    token_f1,
+)
 from tunesmith.methods.scoring import parse_json as _parse_json
 
 METRIC_SPECS = (
@@ -22,9 +33,12 @@ METRIC_SPECS = (
     "choice",
     "choice:LABELS.json",
     "contains",
+    "f1",
     "regex:PATTERN",
     "json",
     "json_schema:SCHEMA.json",
+    "json_fields",
+    "python:MODULE:FUNCTION",
     "loss",
 )
 
@@ -40,6 +54,10 @@ class Metric:
 
     def score(self, prediction: str, reference: str) -> float:
         raise NotImplementedError
+
+    def score_example(self, prediction: str, reference: str, example: Any = None) -> float:
+        """The score with the whole eval example at hand (only user metrics look at it)."""
+        return self.score(prediction, reference)
 
     def details(self, prediction: str, reference: str) -> dict[str, Any]:
         """Extra per-example facts for results.json (e.g. `invalid` for choice); empty by default."""
@@ -59,6 +77,12 @@ class Contains(Metric):
         pred = normalize(prediction)
         # An empty reference would otherwise be "contained" in every prediction.
         return float(ref in pred) if ref else float(pred == "")
+
+
+@dataclass(frozen=True)
+class TokenF1(Metric):
+    def score(self, prediction: str, reference: str) -> float:
+        return token_f1(prediction, reference)
 
 
 @dataclass(frozen=True)
@@ -137,6 +161,119 @@ class JsonSchemaValid(Metric):
         return {"valid": error is None, "error": error, "field_accuracy": accuracy}
 
 
+def flat_fields(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A JSON object as {dotted.path: leaf value}; lists and scalars are leaves."""
+    if not isinstance(value, dict):
+        return {prefix: value} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, inner in value.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flat_fields(inner, path) if isinstance(inner, dict) and inner else {path: inner})
+    return out
+
+
+def field_counts(prediction: str, reference: str) -> dict[str, tuple[int, int, int]]:
+    """Per field of either side: (true positive, false positive, false negative). A field is right when
+    the prediction has it with the reference's value; an unparseable prediction has no fields."""
+    ok, ref = _parse_json(reference)
+    if not ok or not isinstance(ref, dict):
+        raise TunesmithError(f"json_fields: the reference {reference[:80]!r} is not a JSON object",
+                             "json_fields needs references that are JSON objects; use exact or json otherwise")
+    ok, pred = _parse_json(prediction)
+    got, want = flat_fields(pred) if ok else {}, flat_fields(ref)
+    counts = {}
+    for key in {*got, *want}:
+        right = key in got and key in want and got[key] == want[key]
+        counts[key] = (int(right), int(key in got and not right), int(key in want and not right))
+    return counts
+
+
+def f1_from_counts(tp: int, fp: int, fn: int) -> float:
+    return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+@dataclass(frozen=True)
+class JsonFields(Metric):
+    """Per-example F1 over the fields (dotted paths) of a JSON answer against a JSON reference; `details`
+    keeps each field's counts so the report can give per-field precision, recall and F1."""
+
+    def score(self, prediction: str, reference: str) -> float:
+        counts = field_counts(prediction, reference).values()
+        return f1_from_counts(*(sum(c[i] for c in counts) for i in range(3)))
+
+    def details(self, prediction: str, reference: str) -> dict[str, Any]:
+        counts = field_counts(prediction, reference)
+        return {"parsed": _parse_json(prediction)[0], "fields": {k: list(v) for k, v in sorted(counts.items())}}
+
+
+def per_field_scores(metric: Metric, predictions: Sequence[str], references: Sequence[str]
+                     ) -> dict[str, dict[str, float]]:
+    """json_fields: precision, recall, F1 and support of every field over the whole set."""
+    totals: dict[str, list[int]] = {}
+    for p, r in zip(predictions, references, strict=True):
+        for key, c in field_counts(p, r).items():
+            t = totals.setdefault(key, [0, 0, 0])
+            for i in range(3):
+                t[i] += c[i]
+    out = {}
+    for key, (tp, fp, fn) in sorted(totals.items()):
+        out[key] = {"precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
+                    "f1": f1_from_counts(tp, fp, fn), "support": tp + fn}
+    return out
+
+
+@dataclass(frozen=True)
+class PythonMetric(Metric):
+    """A user's function `fn(prediction, reference, example) -> float in [0, 1]`."""
+
+    fn: Any = None
+
+    def score(self, prediction: str, reference: str) -> float:
+        return self.score_example(prediction, reference, None)
+
+    def score_example(self, prediction: str, reference: str, example: Any = None) -> float:
+        try:
+            value = self.fn(prediction, reference, example)
+        except Exception as exc:  # the user's code: say which metric and what it raised
+            raise TunesmithError(f"metric {self.name} raised {type(exc).__name__}: {exc}",
+                                 "fix the function; it gets (prediction, reference, example)") from exc
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise TunesmithError(f"metric {self.name} returned {value!r} for prediction {prediction[:60]!r}",
+                                 "a python: metric must return a number in [0, 1]")
+        return float(value)
+
+
+def load_function(spec: str) -> Any:
+    """`python:package.module:function` or `python:path/to/file.py:function` → the function."""
+    body = spec.partition(":")[2]
+    module_name, sep, fn_name = body.rpartition(":")
+    if not sep or not module_name or not fn_name:
+        raise _bad_spec(spec, "write python:MODULE:FUNCTION (a module or a .py file, then the function)")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.exists():
+                raise TunesmithError(f"metric {spec}: file not found: {path}", "check the path before ':FUNCTION'")
+            loaded = importlib.util.spec_from_file_location(f"tunesmith_metric_{path.stem}", path)
+            module = importlib.util.module_from_spec(loaded)  # type: ignore[arg-type]
+            sys.modules[loaded.name] = module  # type: ignore[union-attr]
+            loaded.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(module_name)
+    except TunesmithError:
+        raise
+    except Exception as exc:
+        raise TunesmithError(f"metric {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}",
+                             "the module must be importable (on PYTHONPATH) or be a path to a .py file") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise TunesmithError(f"metric {spec}: {module_name} has no function {fn_name}",
+                             "name a function defined in that module")
+    return fn
+
+
 @dataclass(frozen=True)
 class HeldOutLoss(Metric):
     """Per-example held-out NLL (mean nats per reference token), computed from log-probs elsewhere."""
@@ -161,6 +298,12 @@ def parse_metric(spec: str, references: Iterable[str] | None = None, base_dir: P
     kind, sep, arg = spec.strip().partition(":")
     path = Path(arg) if base_dir is None or Path(arg).is_absolute() else Path(base_dir) / arg
     simple = {"exact": ExactMatch, "contains": Contains, "json": JsonValid}
+    if kind == "python":
+        return PythonMetric(spec, binary=False, fn=load_function(spec))
+    if kind in ("f1", "json_fields"):
+        if sep:
+            raise _bad_spec(spec, f"'{kind}' takes no argument")
+        return TokenF1("f1", binary=False) if kind == "f1" else JsonFields("json_fields", binary=False)
     if kind in simple or kind == "loss":
         if sep:
             raise _bad_spec(spec, f"'{kind}' takes no argument")
@@ -186,10 +329,12 @@ def parse_metric(spec: str, references: Iterable[str] | None = None, base_dir: P
     raise _bad_spec(spec, f"'{kind}' is not a metric")
 
 
-def score_all(metric: Metric, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+def score_all(metric: Metric, predictions: Sequence[str], references: Sequence[str],
+              examples: Sequence[Any] | None = None) -> list[float]:
     if len(predictions) != len(references):
         raise TunesmithError(f"{len(predictions)} predictions but {len(references)} references")
-    return [metric.score(p, r) for p, r in zip(predictions, references, strict=True)]
+    extra = list(examples) if examples is not None else [None] * len(predictions)
+    return [metric.score_example(p, r, x) for p, r, x in zip(predictions, references, extra, strict=True)]
 
 
 def summarize_details(metric: Metric, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -9,31 +9,39 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from ..config import EvalConfig, parse_section
 from ..data.formats import messages_text, prompt_messages, target_messages
 from ..data.types import Dataset, Example, Message, Unpaired
-from ..errors import TunesmithError
+from ..errors import EXIT_VERDICT, TunesmithError
+from ..model.generate import shared_prefix_length
+from .answers import Answer, AnswerStore, answer_key
 from .candidates import (
     Candidate,
-    describe_shots,
     parse_candidates,
-    pick_shots,
     run_system_prompt,
     run_train_data,
     shared_base,
-    with_shots,
+    spec_head,
+    split_specs,
 )
-from .engine import Engine, local_judge_fn
+from .cost import Usage, device_rate, endpoint_usage, local_usage
+from .endpoint import ChatEndpoint, EndpointError, api_key
+from .engine import Engine, embedder_fn, local_judge_fn
 from .judge import Judge, JudgeResult, LocalJudge, judge_from_url, judge_pairs
-from .metrics import Metric, parse_metric, score_all
+from .ladder import Rung, Worth, ladder, worth
+from .metrics import JsonFields, Metric, parse_metric, per_field_scores, score_all, summarize_details
 from .output import print_outcome, write_outputs
+from .prompts import PromptBuilder, label_set
 from .report import build_results
+from .retrieval import read_passages
 from .stats import Comparison, compare
 from .stats import require_win as check_win
 
@@ -41,9 +49,10 @@ DataLike = str | Path | list[str] | Dataset | Sequence[Example]
 
 
 class NoWin(TunesmithError):
-    """--require-win and a tuned candidate did not significantly beat every baseline."""
+    """The verdict failed: --require-win (a tuned candidate did not significantly beat every baseline) or
+    --require-worth (the fine-tune did not beat the best rung without it)."""
 
-    exit_code = 1
+    exit_code = EXIT_VERDICT
 
 
 @dataclass
@@ -58,6 +67,9 @@ class SetResult:
     outputs: dict[str, list[str]]
     results: dict[str, Any]
     judge: dict[tuple[str, str], JudgeResult] = field(default_factory=dict)
+    usage: dict[str, Usage] = field(default_factory=dict)
+    ladder: list[Rung] = field(default_factory=list)
+    worth: Worth | None = None
 
     def verdicts(self) -> list[str]:
         multi = len(self.comparisons) > 1
@@ -72,6 +84,9 @@ class SetResult:
                        "hi": p.hi, "p": p.p, "outcome": p.outcome} for c in self.comparisons for p in c.pairs],
             "verdicts": self.verdicts(),
             "judge": [_judge_dict(t, b, r) for (t, b), r in self.judge.items()],
+            "usage": {n: u.to_dict() for n, u in self.usage.items()},
+            "worth": self.worth.line if self.worth else None,
+            "worth_it": self.worth.worth_it if self.worth else None,
         }
 
 
@@ -86,114 +101,366 @@ class EvalResult:
     def verdicts(self) -> list[str]:
         return self.main.verdicts()
 
+    @property
+    def worth_it(self) -> bool:
+        """Whether the best fine-tune significantly beats the best rung without fine-tuning."""
+        return bool(self.main.worth and self.main.worth.worth_it)
+
     def summary(self) -> dict[str, Any]:
         """What run.json records about the eval."""
-        out = {**self.main.summary(), "won": self.won, "reasons": self.reasons,
+        out = {**self.main.summary(), "won": self.won, "reasons": self.reasons, "worth_it": self.worth_it,
                "out_dir": str(self.out_dir) if self.out_dir else None}
         if self.regression is not None:
             out["regression"] = self.regression.summary()
         return out
 
 
-def evaluate(data: DataLike, candidates: str | Sequence[str] = ("base", "base+fewshot:5"),
-             metrics: str | Sequence[str] = ("exact",), *, base: str | None = None,
-             train_data: DataLike | None = None, out_dir: str | Path | None = None, batch_size: int = 16,
-             max_new_tokens: int = 64, max_examples: int | None = None, judge: str | Judge | None = None,
-             require_win: bool = False, regression: DataLike | None = None, console: Console | None = None,
-             fewshot_seed: int = 0, sample_seed: int = 0, device: str = "auto", precision: str = "auto",
-             data_format: str = "auto", columns: dict[str, str] | None = None, system_prompt: str | None = None,
-             tuned_run: str | Path | None = None) -> EvalResult:
-    """Compare the candidates on held-out `data` and write results.json / report.md / report.html into
-    `out_dir` (when given). Raises NoWin (exit code 1) after writing when `require_win` and no clear win."""
-    console = console or Console(stderr=True)
-    cands = parse_candidates(candidates, tuned_run)
-    metric_specs = [metrics] if isinstance(metrics, str) else list(metrics)
-    if not metric_specs:
-        raise TunesmithError("no metric given", "add --metric exact (or loss, choice, json, ...)")
-    # Everything that can be wrong with the inputs fails here, before a model is loaded.
-    base_spec = shared_base(cands, base)
-    eval_set = subsample(load_set(data, data_format, columns, "eval data"), max_examples, sample_seed)
-    references = [reference_text(reference_messages(ex)) for ex in eval_set]
-    for spec in metric_specs:
-        parse_metric(spec, references)
-    reg_set = None
-    if regression is not None:
-        reg_set = subsample(load_set(regression, data_format, columns, "regression data"), max_examples, sample_seed)
-    train = None
-    if any(c.fewshot for c in cands):
-        train, where = _train_examples(train_data, cands, data_format, columns)
-        console.print(f"few-shot examples come from {where} (seed {fewshot_seed})", highlight=False)
-    remote_judge = None
-    if isinstance(judge, str) and _is_url(judge):
-        remote_judge = judge_from_url(judge, api_key=_judge_key())
-    if system_prompt is None:
-        system_prompt = run_system_prompt(cands)
+def eval_config(config: EvalConfig | dict | str | Sequence[str] | None, settings: dict[str, Any]) -> EvalConfig:
+    """An EvalConfig from a config, a dict or a candidate list, with keyword settings on top (validated once)."""
+    if isinstance(config, EvalConfig):
+        raw = config.model_dump(exclude_unset=True)
+    elif isinstance(config, dict):
+        raw = dict(config)
+    elif config is None:
+        raw = {}
+    else:
+        raw = {"candidates": split_specs(config)}
+    for key in ("candidates", "metrics"):
+        value = settings.get(key, raw.get(key))
+        if isinstance(value, str):
+            settings[key] = split_specs(value) if key == "candidates" else [value]
+    return parse_section(EvalConfig, {**raw, **settings}, "eval")
 
-    engine = Engine(base_spec, cands, device, precision, batch_size, max_new_tokens, system_prompt)
-    the_judge = remote_judge or _local_judge(judge, engine, base_spec, device, precision, batch_size)
+
+def evaluate(data: DataLike, config: EvalConfig | dict | str | Sequence[str] | None = None, *,
+             train_data: DataLike | None = None, regression: DataLike | None = None, judge: str | Judge | None = None,
+             console: Console | None = None, columns: dict[str, str] | None = None,
+             tuned_run: str | Path | None = None, **settings: Any) -> EvalResult:
+    """Compare the candidates on held-out `data` and write results.json / report.md / report.html into
+    `config.out` (when set). `config` is an EvalConfig, a dict of its keys or the candidates; keyword
+    `settings` override its keys (`evaluate(data, candidates=[...], metrics=["exact"], out="eval")`).
+    Raises NoWin (exit code 6) after writing when require_win / require_worth fails."""
+    console = console or Console(stderr=True)
+    cfg = eval_config(config, settings)
+    cands = parse_candidates(cfg.candidates, tuned_run, cfg.by_stage)
+    if not cfg.metrics:
+        raise TunesmithError("no metric given", "add --metric exact (or loss, choice, f1, json_fields, ...)")
+    # Everything that can be wrong with the inputs fails here, before a model is loaded.
+    base_spec = shared_base(cands, cfg.base)
+    eval_set = subsample(load_set(data, cfg.data_format, columns, "eval data"), cfg.max_examples, cfg.sample_seed)
+    references = [reference_text(reference_messages(ex)) for ex in eval_set]
+    metrics = [parse_metric(spec, references) for spec in cfg.metrics]
+    _check_logprob_candidates(metrics, cands)
+    reg_data = regression if regression is not None else cfg.regression
+    reg_set = None
+    if reg_data is not None:
+        reg_set = subsample(load_set(reg_data, cfg.data_format, columns, "regression data"), cfg.max_examples,
+                            cfg.sample_seed)
+    train = None
+    if any(c.fewshot or c.rag or c.labels or c.knn for c in cands):
+        train, where = _train_examples(train_data if train_data is not None else cfg.train_data, cands,
+                                       cfg.data_format, columns)
+        console.print(f"shots, labels and retrieval use {where} (few-shot seed {cfg.fewshot_seed})", highlight=False)
+    _check_prompt_inputs(cands, train, cfg)
+    ctx = _context(cfg, cands, base_spec, judge, train, console)
+    ctx.limit = resolve_limit(cfg.max_new_tokens, references, ctx.tokenizer, console)
     console.print(f"evaluating {', '.join(c.name for c in cands)} on {len(eval_set)} examples "
-                  f"(base model: {base_spec})", soft_wrap=True, highlight=False)
-    main = compare_on("eval", engine, eval_set, cands, metric_specs, train, fewshot_seed, the_judge, console)
+                  f"(base model: {base_spec}, max_new_tokens {ctx.limit})", soft_wrap=True, highlight=False)
+    main = compare_on("eval", ctx, eval_set, cands, cfg.metrics)
     reg = None
     if reg_set is not None:
         reg_cands = regression_candidates(cands)
         console.print(f"regression set: {len(reg_set)} examples, {', '.join(c.name for c in reg_cands)}",
                       soft_wrap=True, highlight=False)
-        reg = compare_on("regression", engine, reg_set, reg_cands, metric_specs, None, fewshot_seed, the_judge,
-                         console)
+        reg = compare_on("regression", ctx, reg_set, reg_cands, cfg.metrics)
     won, reasons = check_win(main.comparisons)
-    result = EvalResult(main, won, reasons, Path(out_dir) if out_dir else None, reg)
-    if out_dir is not None:
-        write_outputs(result, Path(out_dir), base_spec)
-        console.print(f"report: {Path(out_dir) / 'report.html'}", soft_wrap=True, highlight=False)
+    out = Path(cfg.out) if cfg.out else None
+    result = EvalResult(main, won, reasons, out, reg)
+    if out is not None:
+        write_outputs(result, out, base_spec)
+        console.print(f"report: {out / 'report.html'}", soft_wrap=True, highlight=False)
     print_outcome(result, console)
-    if require_win and not won:
-        raise NoWin("the fine-tune did not significantly beat every baseline:\n  " + "\n  ".join(reasons),
-                    "look at the worst failures in report.html; more data or epochs, or a better baseline prompt, "
-                    "may change the verdict; with few eval examples only large effects are significant")
+    _require(cfg, result)
     return result
 
 
-def compare_on(name: str, engine: Engine, dataset: Sequence[Example], cands: Sequence[Candidate],
-               metric_specs: Sequence[str], train: Sequence[Example] | None, fewshot_seed: int,
-               judge: Judge | None, console: Console) -> SetResult:
+def _require(cfg: EvalConfig, result: EvalResult) -> None:
+    if cfg.require_win and not result.won:
+        raise NoWin("the fine-tune did not significantly beat every baseline:\n  " + "\n  ".join(result.reasons),
+                    "look at the worst failures in report.html; more data or epochs, or a better baseline prompt, "
+                    "may change the verdict; with few eval examples only large effects are significant")
+    if cfg.require_worth and not result.worth_it:
+        line = result.main.worth.line if result.main.worth else "there is no fine-tune and baseline to compare"
+        raise NoWin(f"--require-worth: {line}", "the fine-tune must significantly beat the best rung without it")
+
+
+@dataclass
+class _Context:
+    """What every data set of one eval shares: the settings, the loaded models, clients and prices."""
+
+    cfg: EvalConfig
+    engine: Engine | None
+    tokenizer: Any
+    endpoints: dict[str, ChatEndpoint]
+    prices: dict[str, Any]
+    rate: tuple[float, str] | None
+    judge: Judge | None
+    train: list[Example] | None
+    system_prompt: str | None
+    console: Console
+    embed: Callable[[Sequence[str]], Any] | None = None
+    limit: int = 64
+
+
+def _context(cfg: EvalConfig, cands: Sequence[Candidate], base_spec: str, judge: str | Judge | None,
+             train: list[Example] | None, console: Console) -> _Context:
+    """Check the remote parts, then load what runs locally (the base model only when something needs it)."""
+    from ..prices import load_prices
+
+    prices = load_prices(cfg.prices)
+    endpoints = {c.name: ChatEndpoint(c.url, c.model, api_key=api_key("TUNESMITH_API_KEY", "OPENAI_API_KEY"),  # type: ignore[arg-type]
+                                      timeout=cfg.endpoint_timeout, retries=cfg.endpoint_retries,
+                                      concurrency=cfg.endpoint_concurrency, rate_limit=cfg.endpoint_rate_limit)
+                 for c in cands if c.kind == "endpoint"}
+    judge = judge if judge is not None else cfg.judge
+    remote_judge = judge_from_url(judge, api_key=_judge_key()) if isinstance(judge, str) and _is_url(judge) else None
+    if cfg.resume and not cfg.out:
+        raise TunesmithError("--resume needs the output folder of the eval it continues", "pass --out DIR")
+    if cfg.docs is not None and not Path(cfg.docs).is_dir():
+        raise TunesmithError(f"--docs {cfg.docs}: no such folder", "give a folder of .txt/.md files")
+    local_judge = isinstance(judge, str) and remote_judge is None
+    embed_needed = any(c.retriever == "embed" and (c.rag or c.knn) for c in cands)
+    needs_engine = (any(c.local for c in cands) or local_judge or (embed_needed and cfg.embedder is None))
+    system_prompt = cfg.system_prompt or run_system_prompt(cands)
+    device, precision = cfg.device or "auto", cfg.precision or "auto"
+    engine = None
+    if needs_engine:
+        engine = Engine(base_spec, cands, device, precision, cfg.batch_size, 64, system_prompt,
+                        plain_base=local_judge and judge in (base_spec, "base"))
+    tokenizer = engine.tokenizer if engine is not None else _tokenizer(base_spec)
+    the_judge = remote_judge or _local_judge(judge, engine, base_spec, device, precision, cfg.batch_size)
+    rate = device_rate(prices, cfg.device_price, *_device_names(engine))
+    ctx = _Context(cfg, engine, tokenizer, endpoints, prices, rate, the_judge, train, system_prompt, console)
+    if embed_needed:
+        ctx.embed = embedder_fn(cfg.embedder, device, precision, cfg.batch_size) if cfg.embedder else engine.embed  # type: ignore[union-attr]
+    return ctx
+
+
+def _check_prompt_inputs(cands: Sequence[Candidate], train: list[Example] | None, cfg: EvalConfig) -> None:
+    """Label lists and documents are checked before any model is loaded."""
+    if any(c.labels for c in cands):
+        label_set(train or [])
+    docs = [c.name for c in cands if c.docs]
+    if docs and cfg.docs is None:
+        raise TunesmithError(f"{docs[0]} needs documents to retrieve from", "pass --docs FOLDER")
+    if docs:
+        read_passages(cfg.docs)  # type: ignore[arg-type]
+
+
+def _device_names(engine: Engine | None) -> tuple[str, str]:
+    if engine is None or engine.rt.device.type != "cuda":
+        return ("cpu", "") if engine is None or engine.rt.device.type == "cpu" else (engine.rt.device.type, "")
+    import torch
+
+    return "cuda", torch.cuda.get_device_name(engine.rt.device)
+
+
+def _tokenizer(base_spec: str):
+    """Only endpoints and votes: the base model's tokenizer still counts tokens and sets the token limit."""
+    from ..model.load import load_tokenizer
+
+    return load_tokenizer(base_spec)
+
+
+def _check_logprob_candidates(metrics: Sequence[Metric], cands: Sequence[Candidate]) -> None:
+    remote = [c.name for c in cands if not c.local]
+    if remote and any(m.needs_logprobs for m in metrics):
+        raise TunesmithError(f"the loss metric needs log-probs, which {', '.join(remote)} cannot give",
+                             "evaluate endpoints and knn with text metrics (exact, choice, f1, ...), or leave "
+                             "them out of a loss eval")
+
+
+AUTO_MARGIN = 8  # tokens added to the longest reference for max_new_tokens: auto
+AUTO_MAX = 2048
+
+
+def resolve_limit(setting: int | str, references: Sequence[str], tokenizer, console: Console) -> int:
+    """`auto`: the longest reference's token count (+ its end-of-turn token) plus a margin of a quarter,
+    at least AUTO_MARGIN tokens. A fixed limit shorter than a reference is reported: those answers are cut."""
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in references]
+    longest = max(lengths, default=1)
+    if setting == "auto":
+        return min(AUTO_MAX, longest + max(AUTO_MARGIN, longest // 4))
+    limit = int(setting)
+    over = sum(n > limit for n in lengths)
+    if over:
+        console.print(f"[yellow]warning[/yellow]: {over} reference(s) are longer than max_new_tokens {limit} "
+                      f"(the longest is {longest} tokens): answers that long are cut off and scored as cut; "
+                      "raise max_new_tokens or use auto", highlight=False, soft_wrap=True)
+    return limit
+
+
+def compare_on(name: str, ctx: _Context, dataset: Sequence[Example], cands: Sequence[Candidate],
+               metric_specs: Sequence[str]) -> SetResult:
     prompts = [prompt_messages(ex) for ex in dataset]
     targets = [reference_messages(ex) for ex in dataset]
     references = [reference_text(t) for t in targets]
     metric_list = [parse_metric(spec, references) for spec in metric_specs]
-    shots = {c.name: pick_shots(train or [], c.fewshot, fewshot_seed, prompts) for c in cands if c.fewshot}
-    seen = {c.name: [with_shots(p, shots[c.name]) for p in prompts] if c.fewshot else prompts for c in cands}
-    outputs: dict[str, list[str]] = {}
-    if judge is not None or any(not m.needs_logprobs for m in metric_list):
+    builder = PromptBuilder(prompts, ctx.train, ctx.cfg.docs, ctx.cfg.fewshot_seed, ctx.system_prompt, ctx.embed)
+    seen: dict[str, list[tuple[Message, ...]]] = {}
+    added: dict[str, dict[str, Any]] = {}
+    for c in cands:
+        if c.generates:
+            seen[c.name], added[c.name] = builder.build(c)
+    answers: dict[str, list[Answer]] = {}
+    usage: dict[str, Usage] = {}
+    if ctx.judge is not None or any(not m.needs_logprobs for m in metric_list):
         for c in cands:
-            console.print(f"[dim]{name}: generating with {c.name}[/dim]")
-            outputs[c.name] = engine.generate(c, seen[c.name])
-    scores: dict[str, dict[str, list[float]]] = {}
-    for m in metric_list:
-        scores[m.name] = {c.name: _score(m, engine, c, seen[c.name], targets, outputs.get(c.name), references)
-                          for c in cands}
+            ctx.console.print(f"[dim]{name}: answering with {c.name}[/dim]", highlight=False)
+            answers[c.name], usage[c.name] = answer_all(ctx, name, c, seen.get(c.name), builder)
+    outputs = {n: [a.text for a in ans] for n, ans in answers.items()}
+    scores = {m.name: {c.name: _score(m, ctx.engine, c, seen.get(c.name), targets, outputs.get(c.name),
+                                      references, dataset) for c in cands} for m in metric_list}
     tuned = [c.name for c in cands if c.tuned]
     baselines = [c.name for c in cands if not c.tuned]
-    comparisons = [compare(scores[m.name], tuned, baselines, m) for m in metric_list]
+    pairs = candidate_pairs(cands)
+    comparisons = [compare(scores[m.name], tuned, baselines, m, pairs=pairs) for m in metric_list]
+    primary = comparisons[0]
+    endpoints = [c.name for c in cands if c.kind == "endpoint"]
+    worth_result = worth(primary, scores[primary.metric], tuned, baselines, usage, endpoints) if usage else None
+    rungs = ladder(primary, usage, tuned) if usage else []
     texts = [messages_text(p) for p in prompts]
     examples = [{"prompt": t, "reference": r} for t, r in zip(texts, references, strict=True)]
     results = build_results(examples, [c.name for c in cands], scores, outputs)
+    for i, row in enumerate(results["examples"]):
+        row["answers"] = {n: {k: v for k, v in a[i].to_dict().items() if k != "text"} for n, a in answers.items()}
     judged = {}
-    if judge is not None:
-        for t in tuned:
-            for b in baselines:
-                judged[(t, b)] = judge_pairs(judge, texts, outputs[t], outputs[b])
-    results.update({"set": name, "comparisons": [c.to_dict() for c in comparisons],
-                    "fewshot": {n: describe_shots(s) for n, s in shots.items()},
+    if ctx.judge is not None:
+        for t, b in pairs:
+            judged[(t, b)] = judge_pairs(ctx.judge, texts, outputs[t], outputs[b])
+    results.update({"set": name, "max_new_tokens": ctx.limit, "comparisons": [c.to_dict() for c in comparisons],
+                    "fewshot": {n: a["fewshot"] for n, a in added.items() if "fewshot" in a},
+                    "prompts_added": added, "usage": {n: u.to_dict() for n, u in usage.items()},
+                    "ladder": [asdict(r) for r in rungs], "worth": worth_result.to_dict() if worth_result else None,
+                    "metric_details": _details(metric_list, outputs, references),
                     "judge": [_judge_dict(t, b, r, per_example=True) for (t, b), r in judged.items()]})
-    return SetResult(name, [c.name for c in cands], tuned, baselines, comparisons, outputs, results, judged)
+    return SetResult(name, [c.name for c in cands], tuned, baselines, comparisons, outputs, results, judged,
+                     usage, rungs, worth_result)
 
 
-def _score(metric: Metric, engine: Engine, cand: Candidate, prompts: Sequence[Sequence[Message]],
-           targets: Sequence[Sequence[Message]], outputs: list[str] | None, references: list[str]) -> list[float]:
+def candidate_pairs(cands: Sequence[Candidate]) -> list[tuple[str, str]]:
+    """Each tuned candidate against every baseline and, for a stage of a multi-stage run, the stage before."""
+    baselines = [c.name for c in cands if not c.tuned]
+    pairs = []
+    for c in cands:
+        if c.tuned:
+            pairs += ([(c.name, c.previous_stage)] if c.previous_stage else []) + [(c.name, b) for b in baselines]
+    return pairs
+
+
+def answer_all(ctx: _Context, set_name: str, c: Candidate, prompts: list[tuple[Message, ...]] | None,
+               builder: PromptBuilder) -> tuple[list[Answer], Usage]:
+    """The candidate's answers to every prompt (reusing kept ones with --resume) and what they cost."""
+    if c.kind == "knn":
+        builder.index(c)  # once, like training: not part of any query's cost
+        started = time.perf_counter()
+        texts = builder.knn_answers(c)
+        share = (time.perf_counter() - started) / max(1, len(texts))
+        answers = [Answer(t, None, None, False, share, None, share) for t in texts]
+        return answers, local_usage(c.name, f"majority of {c.knn} nearest training examples ({c.retriever}), "
+                                            "no language model", answers, None, ctx.rate)
+    assert prompts is not None
+    messages = [_chat_messages(p, ctx.system_prompt) for p in prompts]
+    ids = [_prompt_ids(ctx, c, p, m) for p, m in zip(prompts, messages, strict=True)]
+    cacheable = float(shared_prefix_length(ids)) if len(ids) > 1 else 0.0
+    store = AnswerStore(Path(ctx.cfg.out) / "answers" / set_name, c.name, ctx.cfg.resume) if ctx.cfg.out else None
+    identity = c.name if c.kind == "endpoint" else f"{c.name} on {ctx.engine.ran_on(c)}"  # type: ignore[union-attr]
+    keys = [answer_key(identity, m, ctx.limit) for m in messages]
+    known = {i: store.get(k) for i, k in enumerate(keys)} if store else {}
+    missing = [i for i in range(len(keys)) if known.get(i) is None]
+    if known and len(missing) < len(keys):
+        ctx.console.print(f"[dim]  {len(keys) - len(missing)} answers of {c.name} kept from before[/dim]",
+                          highlight=False)
+    if c.kind == "endpoint":
+        fresh = _ask_endpoint(ctx, c, [messages[i] for i in missing], [keys[i] for i in missing], store)
+    else:
+        fresh = ctx.engine.answer(c, [prompts[i] for i in missing], ctx.limit) if missing else []  # type: ignore[union-attr]
+        for i, a in zip(missing, fresh, strict=True):
+            if store is not None:
+                store.put(keys[i], a)
+    got = dict(zip(missing, fresh, strict=True))
+    answers = [got[i] if i in got else known[i] for i in range(len(keys))]  # type: ignore[misc]
+    if c.kind == "endpoint":
+        local_prompt = sum(len(x) for x in ids) / len(ids) if ids else None
+        return answers, endpoint_usage(c.name, str(c.url), str(c.model), answers,
+                                       sum(a.seconds for a in answers), local_prompt, cacheable, ctx.prices)
+    search = builder.search_seconds.get(c.name, 0.0) / max(1, len(answers))  # +rag / +docs retrieval per query
+    if search:
+        answers = [replace(a, seconds=a.seconds + search, machine_seconds=a.machine_seconds + search)
+                   for a in answers]
+    return answers, local_usage(c.name, ctx.engine.ran_on(c), answers, cacheable, ctx.rate)  # type: ignore[union-attr]
+
+
+def _prompt_ids(ctx: _Context, c: Candidate, prompt: Sequence[Message], messages: list[dict]) -> list[int]:
+    """The prompt's tokens as the local model sees them (an endpoint's prompt: with the base's template)."""
+    if ctx.engine is not None:
+        return ctx.engine.prompt_ids(c if c.local else Candidate("base"), prompt)
+    ids = ctx.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _ask_endpoint(ctx: _Context, c: Candidate, messages: list[list[dict]], keys: list[str],
+                  store: AnswerStore | None) -> list[Answer]:
+    client = ctx.endpoints[c.name]
+
+    def keep(i: int, reply) -> None:
+        if store is not None:
+            store.put(keys[i], _from_reply(reply))
+
+    try:
+        replies = client.chat_many(messages, ctx.limit, on_answer=keep)
+    except EndpointError as exc:
+        kept = f"; the {len(store.known)} answers received are kept in {store.path}, and --resume continues " \
+               "without asking them again" if store is not None else "; pass --out DIR to keep answers for --resume"
+        raise EndpointError(f"{c.name}: {exc.message}{kept}", exc.hint) from None
+    return [_from_reply(r) for r in replies]
+
+
+def _from_reply(reply) -> Answer:
+    return Answer(reply.text, reply.prompt_tokens, reply.completion_tokens, reply.hit_limit, reply.seconds,
+                  reply.cached_tokens, reply.seconds)
+
+
+def _chat_messages(prompt: Sequence[Message], system_prompt: str | None) -> list[dict]:
+    """The prompt as chat messages; the run's system prompt goes first when the prompt has none, as the
+    local renderer does."""
+    out = [{"role": m.role, "content": m.content} for m in prompt]
+    if system_prompt and not any(m["role"] == "system" for m in out):
+        out.insert(0, {"role": "system", "content": system_prompt})
+    return out
+
+
+def _details(metrics: Sequence[Metric], outputs: dict[str, list[str]], references: list[str]) -> dict[str, Any]:
+    """Per metric and candidate, the means of the metric's per-example facts (and json_fields' per-field table)."""
+    out: dict[str, Any] = {}
+    for m in metrics:
+        if m.needs_logprobs:
+            continue
+        by = {}
+        for name, texts in outputs.items():
+            by[name] = summarize_details(m, texts, references)
+            if isinstance(m, JsonFields):
+                by[name]["per_field"] = per_field_scores(m, texts, references)
+        out[m.name] = by
+    return out
+
+
+def _score(metric: Metric, engine: Engine | None, cand: Candidate, prompts: Sequence[Sequence[Message]] | None,
+           targets: Sequence[Sequence[Message]], outputs: list[str] | None, references: list[str],
+           examples: Sequence[Example]) -> list[float]:
     if metric.needs_logprobs:
-        return [metric.score_nll(x) for x in engine.nll(cand, prompts, targets)]  # type: ignore[attr-defined]
-    return score_all(metric, outputs or [], references)
+        return [metric.score_nll(x) for x in engine.nll(cand, prompts, targets)]  # type: ignore[attr-defined,union-attr,arg-type]
+    return score_all(metric, outputs or [], references, examples)
 
 
 def reference_messages(example: Example) -> tuple[Message, ...]:
@@ -210,7 +477,7 @@ def reference_text(target: Sequence[Message]) -> str:
 
 def regression_candidates(cands: Sequence[Candidate]) -> list[Candidate]:
     """On a general set the question is what the fine-tune broke: each tuned run against the plain base."""
-    runs = list({c.run.resolve(): Candidate(c.name.split("+fewshot:")[0], c.run, 0, c.info)
+    runs = list({c.run.resolve(): Candidate(spec_head(c.name), c.run, info=c.info, kind="run")
                  for c in cands if c.run is not None}.values())
     return [Candidate("base"), *runs]
 
@@ -251,9 +518,9 @@ def _train_examples(train_data: DataLike | None, cands: Sequence[Candidate], dat
         return load_set(train_data, data_format, columns, "training data"), where
     found = run_train_data(cands)
     if found is None:
-        name = next(c.name for c in cands if c.fewshot)
-        raise TunesmithError(f"{name} needs training examples to show, and no training data was given",
-                             "pass --train-data FILE (few-shot examples are never taken from the eval data)")
+        name = next(c.name for c in cands if c.fewshot or c.rag or c.labels or c.knn)
+        raise TunesmithError(f"{name} needs training examples, and no training data was given",
+                             "pass --train-data FILE (examples are never taken from the eval data)")
     return load_set(found[0], found[1], columns, "training data"), f"{found[0]} (the run's training data)"
 
 
@@ -267,12 +534,12 @@ def _judge_key() -> str | None:
     return os.environ.get("TUNESMITH_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
-def _local_judge(judge: str | Judge | None, engine: Engine, base_spec: str, device: str, precision: str,
+def _local_judge(judge: str | Judge | None, engine: Engine | None, base_spec: str, device: str, precision: str,
                  batch_size: int) -> Judge | None:
     """None, a ready judge object, or a local model spec (the loaded base model answers when it is the base)."""
     if judge is None or not isinstance(judge, str):
         return judge
-    if judge in (base_spec, "base"):
+    if judge in (base_spec, "base") and engine is not None:
         return LocalJudge(engine.chat_fn())
     return LocalJudge(local_judge_fn(judge, device, precision, batch_size))
 
@@ -288,26 +555,35 @@ def _judge_dict(tuned: str, baseline: str, r: JudgeResult, per_example: bool = F
 
 def evaluate_run(run, console: Console | None = None) -> dict[str, Any]:
     """The config's eval: section on a finished run: writes <run>/eval/ and the "eval" entry of run.json,
-    returns that entry. Raises NoWin (after writing) when eval.require_win and the run does not win."""
-    from .candidates import split_specs
-
+    returns that entry. Raises NoWin (after writing) when eval.require_win / require_worth fails."""
     cfg, ev = run.config, run.config.eval
     if ev is None:
         raise TunesmithError("this run's config has no eval: section", "add one, or run `tunesmith eval`")
     specs = split_specs(ev.candidates)
-    eval_set, train = run_datasets(cfg, needs_train=any("+fewshot:" in s for s in specs))
-    only_base = all(s.split("+fewshot:")[0] == "base" for s in specs)
-    result = evaluate(eval_set, specs, ev.metrics, base=cfg.model if only_base else None, train_data=train,
-                      out_dir=Path(run.path) / "eval", batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                      max_examples=ev.max_examples, judge=ev.judge, regression=ev.regression, console=console,
-                      fewshot_seed=ev.fewshot_seed, device=cfg.device, precision=cfg.precision,
-                      columns=cfg.data.columns or None, system_prompt=cfg.data.system_prompt, tuned_run=run.path)
+    needs_train = ev.train_data is None and any(_uses_train(s) for s in specs)
+    eval_set, train = run_datasets(cfg, needs_train=needs_train)
+    only_base = all(spec_head(s) == "base" or not (spec_head(s) == "tuned" or Path(spec_head(s)).exists())
+                    for s in specs)
+    settings = {"out": str(Path(run.path) / "eval"), "device": ev.device or cfg.device,
+                "precision": ev.precision or cfg.precision,
+                "system_prompt": ev.system_prompt or cfg.data.system_prompt,
+                "base": ev.base or (cfg.model if only_base else None), "require_win": False, "require_worth": False}
+    result = evaluate(eval_set, ev, train_data=train if ev.train_data is None else None, console=console,
+                      columns=cfg.data.columns or None, tuned_run=run.path, **settings)
     summary = result.summary()
     _record(Path(run.path), summary)
+    report = Path(run.path) / "eval" / "report.html"
     if ev.require_win and not result.won:
         raise NoWin("eval.require_win: the fine-tune did not significantly beat every baseline:\n  "
-                    + "\n  ".join(result.reasons), f"see {Path(run.path) / 'eval' / 'report.html'}")
+                    + "\n  ".join(result.reasons), f"see {report}")
+    if ev.require_worth and not result.worth_it:
+        raise NoWin(f"eval.require_worth: {result.main.worth.line if result.main.worth else 'nothing to compare'}",
+                    f"see {report}")
     return summary
+
+
+def _uses_train(spec: str) -> bool:
+    return any(f"+{m}" in spec for m in ("fewshot:", "rag:", "labels")) or spec.startswith("knn:")
 
 
 def run_datasets(cfg, needs_train: bool) -> tuple[list[Example], list[Example] | None]:

@@ -1,5 +1,7 @@
 """Confidence intervals, paired significance tests and the win/lose verdict. numpy only.
 
+A binary mean (accuracy) gets a Wilson score interval, which stays inside [0, 1] and is not empty at 0% or
+100% (a percentile bootstrap of all-zero scores is "0.0 ... 0.0"); other means get a percentile bootstrap.
 Scores are per-example floats in the same example order for every candidate, so every comparison is
 paired: bootstrap resamples example indices jointly, McNemar uses the discordant pairs of binary scores,
 and continuous metrics use an exact-or-Monte-Carlo sign-flip permutation test on the differences.
@@ -53,6 +55,44 @@ def bootstrap_ci(scores: Sequence[float] | np.ndarray, n_boot: int = 2000, alpha
     means = _bootstrap_means(x, n_boot, seed)
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(x.mean()), float(lo), float(hi)
+
+
+def wilson_ci(scores: Sequence[float] | np.ndarray, alpha: float = 0.05) -> tuple[float, float, float]:
+    """Mean of 0/1 scores and its Wilson score (1 - alpha) interval."""
+    x = _as_scores(scores)
+    if not np.isin(x, (0.0, 1.0)).all():
+        raise TunesmithError("a Wilson interval needs binary 0/1 scores", "use bootstrap_ci for other scores")
+    n, p = x.size, float(x.mean())
+    z = _normal_quantile(1 - alpha / 2)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p, max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
+def _normal_quantile(q: float) -> float:
+    """Inverse standard normal CDF (Acklam's rational approximation, |error| < 1.2e-9)."""
+    a = (-3.969683028665376e1, 2.209460984245205e2, -2.759285104469687e2, 1.383577518672690e2,
+         -3.066479806614716e1, 2.506628277459239e0)
+    b = (-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1,
+         -1.328068155288572e1)
+    c = (-7.784894002430293e-3, -3.223964580411365e-1, -2.400758277161838e0, -2.549732539343734e0,
+         4.374664141464968e0, 2.938163982698783e0)
+    d = (7.784695709041462e-3, 3.224671290700398e-1, 2.445134137142996e0, 3.754408661907416e0)
+    if q < 0.02425 or q > 1 - 0.02425:
+        t = np.sqrt(-2 * np.log(q if q < 0.5 else 1 - q))
+        num = ((((c[0] * t + c[1]) * t + c[2]) * t + c[3]) * t + c[4]) * t + c[5]
+        x = num / ((((d[0] * t + d[1]) * t + d[2]) * t + d[3]) * t + 1)
+        return float(x if q < 0.5 else -x)
+    r = q - 0.5
+    t = r * r
+    num = (((((a[0] * t + a[1]) * t + a[2]) * t + a[3]) * t + a[4]) * t + a[5]) * r
+    return float(num / (((((b[0] * t + b[1]) * t + b[2]) * t + b[3]) * t + b[4]) * t + 1))
+
+
+def mean_ci(scores: Sequence[float] | np.ndarray, binary: bool, n_boot: int = 2000, alpha: float = 0.05,
+            seed: int = 0) -> tuple[float, float, float]:
+    """Wilson for binary scores, percentile bootstrap otherwise."""
+    return wilson_ci(scores, alpha) if binary else bootstrap_ci(scores, n_boot, alpha, seed)
 
 
 def paired_bootstrap_diff(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_boot: int = 2000,
@@ -209,9 +249,12 @@ def _outcome(lo: float, hi: float, p: float, higher_is_better: bool, alpha: floa
 
 
 def compare(candidates: Mapping[str, Sequence[float]], tuned: Sequence[str], baselines: Sequence[str],
-            metric: MetricInfo, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Comparison:
-    """Aggregate every candidate and test every (tuned, baseline) pair on the same examples."""
-    for name in [*tuned, *baselines]:
+            metric: MetricInfo, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
+            pairs: Sequence[tuple[str, str]] | None = None) -> Comparison:
+    """Aggregate every candidate and test every (tuned, baseline) pair on the same examples; `pairs` (when
+    given) lists the (tuned, baseline) pairs to test instead, e.g. each stage of a run against the one before."""
+    wanted = list(pairs) if pairs is not None else [(t, b) for t in tuned for b in baselines]
+    for name in {*tuned, *baselines, *(n for pair in wanted for n in pair)}:
         if name not in candidates:
             raise TunesmithError(f"no scores for candidate '{name}'", f"scored: {', '.join(candidates)}")
     if set(tuned) & set(baselines):
@@ -220,18 +263,20 @@ def compare(candidates: Mapping[str, Sequence[float]], tuned: Sequence[str], bas
     lengths = {name: x.size for name, x in arrays.items()}
     if len(set(lengths.values())) > 1:
         raise TunesmithError(f"candidates were scored on different numbers of examples: {lengths}")
-    aggregates = {name: Aggregate(name, *bootstrap_ci(x, n_boot, alpha, seed), n=x.size)
+    aggregates = {name: Aggregate(name, *mean_ci(x, metric.binary, n_boot, alpha, seed), n=x.size)
                   for name, x in arrays.items()}
-    pairs = []
-    for t in tuned:
-        for b in baselines:
-            diff, lo, hi = paired_bootstrap_diff(arrays[t], arrays[b], n_boot, alpha, seed)
-            p = paired_pvalue(arrays[t], arrays[b], metric.binary, seed)
-            outcome = _outcome(lo, hi, p, metric.higher_is_better, alpha)
-            n = lengths[t]
-            verdict = format_verdict(t, b, diff, lo, hi, p, n, outcome, metric.unit, metric.higher_is_better, alpha)
-            pairs.append(PairResult(t, b, diff, lo, hi, p, n, outcome, verdict))
-    return Comparison(metric.name, metric.unit, metric.binary, metric.higher_is_better, alpha, aggregates, pairs)
+    results = [compare_pair(arrays[t], arrays[b], t, b, metric, n_boot, alpha, seed) for t, b in wanted]
+    return Comparison(metric.name, metric.unit, metric.binary, metric.higher_is_better, alpha, aggregates, results)
+
+
+def compare_pair(a: np.ndarray, b: np.ndarray, tuned: str, baseline: str, metric: MetricInfo, n_boot: int = 2000,
+                 alpha: float = 0.05, seed: int = 0) -> PairResult:
+    diff, lo, hi = paired_bootstrap_diff(a, b, n_boot, alpha, seed)
+    p = paired_pvalue(a, b, metric.binary, seed)
+    outcome = _outcome(lo, hi, p, metric.higher_is_better, alpha)
+    verdict = format_verdict(tuned, baseline, diff, lo, hi, p, a.size, outcome, metric.unit,
+                             metric.higher_is_better, alpha)
+    return PairResult(tuned, baseline, diff, lo, hi, p, a.size, outcome, verdict)
 
 
 def require_win(comparison: Comparison | Sequence[Comparison]) -> tuple[bool, list[str]]:

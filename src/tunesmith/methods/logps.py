@@ -189,7 +189,7 @@ def check_head(model: torch.nn.Module, n_tokens: int = 24, tolerance: float = 0.
     mine, _ = token_logps(model, batch)
     logits = model(input_ids=batch.input_ids, use_cache=False).logits[0, :-1].float()
     theirs = logits.log_softmax(-1).gather(-1, batch.input_ids[0, 1:, None]).squeeze(-1)
-    gap = float((mine.float() - theirs).abs().max())
+    gap = float((mine.detach().float() - theirs.detach()).abs().max())
     if not gap <= tolerance:
         kind = getattr(lm.config, "model_type", type(lm).__name__)
         raise TunesmithError(

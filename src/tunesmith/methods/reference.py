@@ -37,8 +37,9 @@ import torch
 from ..data.batching import Batch
 from ..data.render import IGNORE, Tokenized
 from ..errors import TrainingAborted, TunesmithError
+from ..model.unwrap import reshard
 from .base import Method, Split
-from .logps import SeqLogps, sequence_logps
+from .logps import SeqLogps
 
 CACHE_FORMAT = 2
 SeqKey = tuple[tuple[int, ...], tuple[int, ...]]
@@ -104,30 +105,75 @@ def planned_sequences(method: Method, batches: dict[str, list[list[Any]]]) -> di
     return out
 
 
-@torch.no_grad()
-def score_batches(model: torch.nn.Module, method: Method, groups: Iterable[list[Any]], pad_id: int,
-                  pack_length: int | None, rt: Any, chunk: int, scored: dict[SeqKey, tuple[float, float]],
-                  progress: Callable[[int], None] | None = None) -> None:
-    """Score each micro-batch (collated exactly as training collates it) whose sequences are not all in
-    `scored` yet, and add its sequences to `scored`."""
+Forward = Callable[[Batch], SeqLogps]
+
+
+class Reducer(Protocol):
+    """What the pre-pass needs to share its work between processes (train.parallel provides it)."""
+
+    rank: int
+    world_size: int
+
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class OneProcess:
+    rank, world_size = 0, 1
+
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def distinct_groups(method: Method, groups: Iterable[list[Any]]) -> list[list[Any]]:
+    """The micro-batches that hold a sequence no earlier one holds (the same list on every rank)."""
+    covered: set[SeqKey] = set()
+    out = []
     for items in groups:
-        seqs = [(s.input_ids, s.labels) for s in method.batch_sequences(items)]
-        if all(s in scored for s in seqs):
-            continue
+        keys = [(s.input_ids, s.labels) for s in method.batch_sequences(items)]
+        if not all(k in covered for k in keys):
+            covered.update(keys)
+            out.append(items)
+    return out
+
+
+@torch.no_grad()
+def score_batches(forward: Forward, method: Method, groups: Iterable[tuple[list[Any], bool]], pad_id: int,
+                  pack_length: int | None, rt: Any, scored: dict[SeqKey, tuple[float, float]],
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Score each micro-batch (collated exactly as training collates it) and add its sequences to `scored`;
+    a group marked False is run but not kept (padding that keeps sharded ranks' forwards in step)."""
+    for items, keep in groups:
         batch = method.collate(items, pad_id, pack_length).to(rt.device)
         with rt.autocast():
-            out = sequence_logps(model, batch, chunk)
+            out = forward(batch)
+        if not keep:
+            continue
+        seqs = [(s.input_ids, s.labels) for s in method.batch_sequences(items)]
         for s, lp, n in zip(seqs, out.logp_sum.float().tolist(), out.n_tokens.float().tolist(), strict=True):
             scored[s] = (lp, n)
         if progress is not None:
             progress(len(items))
+    reshard(forward)  # FSDP2's root keeps what a no-grad forward gathered; training must gather its own
 
 
-def build_tables(planned: dict[str, list[SeqKey]], scored: dict[SeqKey, tuple[float, float]]) -> dict[str, Table]:
+def build_tables(planned: dict[str, list[SeqKey]], scored: dict[SeqKey, tuple[float, float]],
+                 reducer: Reducer) -> dict[str, Table]:
+    """The tables of every split from this rank's scores and, summed over ranks, everyone else's."""
+    every = sorted({s for seqs in planned.values() for s in seqs})
+    at = {s: i for i, s in enumerate(every)}
+    values, counts = torch.zeros(len(every), 2, dtype=torch.float64), torch.zeros(len(every), dtype=torch.float64)
+    for s, v in scored.items():
+        values[at[s]] += torch.tensor(v, dtype=torch.float64)
+        counts[at[s]] += 1
+    values, counts = reducer.sum_tensor(values), reducer.sum_tensor(counts)
+    if bool((counts == 0).any()):
+        raise TunesmithError("the reference pass left sequences unscored",
+                             "this is a bug in tunesmith; rerun with method_args.reference: live and report it")
+    values = (values / counts[:, None]).float()
     tables = {}
     for split, seqs in planned.items():
-        values = torch.tensor([scored[s] for s in seqs], dtype=torch.float32).reshape(-1, 2)
-        tables[split] = Table(seqs, values[:, 0].contiguous(), values[:, 1].contiguous())
+        rows = torch.tensor([at[s] for s in seqs], dtype=torch.long)
+        tables[split] = Table(seqs, values[rows, 0].contiguous(), values[rows, 1].contiguous())
     return tables
 
 
@@ -142,9 +188,8 @@ class LiveReference:
     cache_hit = False
     path = None
 
-    def __init__(self, model: torch.nn.Module, mode: str, rt: Any, chunk: int,
-                 score: Callable[[torch.nn.Module, Batch, int], Any] = sequence_logps):
-        self.model, self.mode, self.rt, self.chunk, self.score = model, mode, rt, chunk, score
+    def __init__(self, model: torch.nn.Module, mode: str, rt: Any, forward: Forward):
+        self.model, self.mode, self.rt, self.forward = model, mode, rt, forward
         self.initial = None if mode == "base" else {
             n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -156,7 +201,7 @@ class LiveReference:
         self.model.eval()
         try:
             with self._step0(), self.rt.autocast():
-                return self.score(self.model, batch, self.chunk).detach()
+                return self.forward(batch).detach()
         finally:
             self.model.train(was_training)
 
@@ -169,12 +214,27 @@ class LiveReference:
         params = dict(self.model.named_parameters())
         swap = [(params[n], t) for n, t in self.initial.items()]
         for p, t in swap:
-            p.data, t.data = t.data, p.data
+            _exchange(p, t)
+        reshard(self.forward)
         try:
             yield
         finally:
             for p, t in swap:
-                p.data, t.data = t.data, p.data
+                _exchange(p, t)
+            reshard(self.forward)
+
+
+def _exchange(p: torch.Tensor, t: torch.Tensor) -> None:
+    """Swap two parameters' values. FSDP2 gathers a parameter from its own shard storage, so a sharded one
+    (a DTensor) swaps values in place; pointing it at other storage would not reach the forward."""
+    if not hasattr(p, "to_local"):
+        p.data, t.data = t.data, p.data
+        return
+    mine, other = p.to_local().detach(), t.to_local()
+    held = mine.clone()
+    mine.copy_(other)
+    other.copy_(held)
+
 
 
 # ---------------------------------------------------------------- the key
@@ -284,12 +344,17 @@ def load_tables(path: Path, planned: dict[str, list[SeqKey]]) -> dict[str, Table
 
 def build_reference(model: torch.nn.Module, method: Method, batches: dict[str, list[list[Any]]], cfg: Any,
                     rt: Any, tokenizer: Any, pack_length: int | None, console: Any,
-                    progress: Callable[[int], None] | None = None) -> Reference:
+                    progress: Callable[[int], None] | None = None, forward: Forward | None = None,
+                    reducer: Reducer | None = None) -> Reference:
     """The run's reference: live, or precomputed for every micro-batch in `batches` (per split, the items
-    of each micro-batch the run will form) and cached."""
+    of each micro-batch the run will form) and cached. `forward` runs a batch through the policy as training
+    runs it (the wrapped model under DDP/FSDP2; by default the method's own policy log-probs); `reducer`
+    shares the pre-pass between processes."""
+    forward = forward or (lambda b: method.policy_logps(model, b, cfg.train.logits_chunk))
+    reducer = reducer or OneProcess()
     if cfg.method_args.reference == "live" or method.online:  # an online method's sequences are not known yet
         console.print(f"reference log-probs: live ({reference_mode(cfg)})")
-        return LiveReference(model, reference_mode(cfg), rt, cfg.train.logits_chunk, method.policy_logps)
+        return LiveReference(model, reference_mode(cfg), rt, forward)
     if not batches.get("train"):
         raise TrainingAborted("no training examples left after rendering", hint="check `tunesmith data check`")
     planned = planned_sequences(method, batches)
@@ -305,7 +370,8 @@ def build_reference(model: torch.nn.Module, method: Method, batches: dict[str, l
            else "not cached: the base model's content cannot be pinned")
     console.print(f"reference log-probs: scoring {sizes} sequences ({reference_mode(cfg)}, {why})")
     started = time.time()
-    tables = _score(model, method, batches, planned, cfg, rt, tokenizer, pack_length, progress)
+    tables = _score(model, method, batches, planned, cfg, (rt, tokenizer, pack_length), progress, forward,
+                    reducer)
     if path is not None and rt.is_main:
         sidecar = {"key": key, "parts": parts, "model": cfg.model, "from_adapter": cfg.adapter.from_adapter,
                    "sequences": {s: len(v) for s, v in planned.items()},
@@ -315,19 +381,24 @@ def build_reference(model: torch.nn.Module, method: Method, batches: dict[str, l
     return PrecomputedReference(method, tables, key, False, path)
 
 
-def _score(model, method, batches, planned, cfg, rt, tokenizer, pack_length, progress) -> dict[str, Table]:
+def _score(model, method, batches, planned, cfg, setup, progress, forward, reducer) -> dict[str, Table]:
+    """Rank r scores every world_size-th distinct micro-batch (all ranks run as many forwards); the tables
+    are then summed over ranks."""
+    rt, tokenizer, pack_length = setup
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    todo = distinct_groups(method, (g for groups in batches.values() for g in groups))
+    mine = todo[reducer.rank::reducer.world_size]
+    n = -(-len(todo) // reducer.world_size)
+    groups = [(g, True) for g in mine] + [(mine[-1] if mine else todo[0], False)] * (n - len(mine))
     scored: dict[SeqKey, tuple[float, float]] = {}
     was_training = model.training
     model.eval()
     try:
         with reference_context(model, cfg):
-            for groups in batches.values():
-                score_batches(model, method, groups, pad_id, pack_length, rt, cfg.train.logits_chunk, scored,
-                              progress)
+            score_batches(forward, method, groups, pad_id, pack_length, rt, scored, progress)
     finally:
         model.train(was_training)
-    return build_tables(planned, scored)
+    return build_tables(planned, scored, reducer)
 
 
 def reference_context(model: torch.nn.Module, cfg: Any):

@@ -262,12 +262,16 @@ def build_reward(spec: str, where: str, max_new_tokens: int, base_dir: Path | No
     if kind == "judge":
         from ..model.endpoint import ChatEndpoint, split_endpoint
 
-        url, model = split_endpoint(arg, "judge")
-        return JudgeReward(**common, endpoint=ChatEndpoint(url, model, api_key=judge_key(), what="judge reward"))
+        url, model = split_endpoint(arg)
+        return JudgeReward(**common, endpoint=ChatEndpoint(url, model, api_key=judge_key(), retries=JUDGE_RETRIES,
+                                                           what="judge reward"))
     simple = {"exact": ExactReward, "f1": F1Reward}
     if kind in simple:
         return simple[kind](**common)
     raise TunesmithError(f"{where}: unknown reward '{spec}'", f"rewards are {', '.join(KINDS)}")
+
+
+JUDGE_RETRIES = 2  # as the eval's judge (eval/judge.py OpenAIJudge)
 
 
 def judge_key() -> str | None:

@@ -251,19 +251,21 @@ def _verify_loaded(model: nn.Module, path: Path, adapter_name: str) -> None:
                                  f"(shape {tuple(tensor.shape)} vs {tuple(live[key].shape)})", hint)
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """PEFT models: adapter_config.json + adapter_model.safetensors. A full fine-tune: a complete HF
-    safetensors checkpoint (config.json + model*.safetensors)."""
+    safetensors checkpoint (config.json + model*.safetensors). `state_dict`: the model's full weights when
+    they are sharded across processes (FSDP2) and so not in the module itself."""
     from peft import PeftModel
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
     if isinstance(model, PeftModel):
         initial = getattr(model, _INITIAL_ADAPTER_ATTR, None)
         model.save_pretrained(str(out), safe_serialization=True,
-                              path_initial_model_for_weight_conversion=initial)
+                              path_initial_model_for_weight_conversion=initial, **extra)
     else:
-        model.save_pretrained(str(out))
+        model.save_pretrained(str(out), **extra)
     return out
 
 

@@ -11,7 +11,9 @@ changing the batch size can."""
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +31,20 @@ def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
     while n < shortest - 1 and all(x[n] == ids[0][n] for x in ids):
         n += 1
     return n
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One reply and what it cost: prompt and generated token counts, whether it stopped at the token limit
+    (no end-of-turn token within max_new_tokens: the text is cut off), the wall time of its batch (how long
+    the prompt waited for its reply) and its share of that time (batch time / rows in the batch)."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    hit_limit: bool
+    seconds: float
+    share_seconds: float
 
 
 class Generator:
@@ -52,19 +68,32 @@ class Generator:
     def generate(self, prompts: Sequence[Sequence[Message | dict]], temperature: float = 0.0,
                  max_new_tokens: int | None = None, seed: int = 0) -> list[str]:
         """One reply per prompt (a list of messages), in input order."""
+        return [g.text for g in self.generate_detailed(prompts, temperature, max_new_tokens, seed)]
+
+    @torch.no_grad()
+    def generate_detailed(self, prompts: Sequence[Sequence[Message | dict]], temperature: float = 0.0,
+                          max_new_tokens: int | None = None, seed: int = 0) -> list[Generation]:
+        """Like `generate`, with each reply's token counts, cut-off flag and batch time."""
         ids = [self.prompt_ids(p) for p in prompts]
-        return self.generate_ids(ids, temperature, max_new_tokens, seed)
+        return self.generate_ids_detailed(ids, temperature, max_new_tokens, seed)
 
     @torch.no_grad()
     def generate_ids(self, ids: Sequence[Sequence[int]], temperature: float = 0.0,
                      max_new_tokens: int | None = None, seed: int = 0) -> list[str]:
+        return [g.text for g in self.generate_ids_detailed(ids, temperature, max_new_tokens, seed)]
+
+    @torch.no_grad()
+    def generate_ids_detailed(self, ids: Sequence[Sequence[int]], temperature: float = 0.0,
+                              max_new_tokens: int | None = None, seed: int = 0) -> list[Generation]:
         self.model.eval()
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
-        out: list[str] = [""] * len(ids)
+        out: list[Generation | None] = [None] * len(ids)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        limit = max_new_tokens or self.max_new_tokens
         for k in range(0, len(order), self.batch_size):
+            started = time.perf_counter()
             chunk = order[k:k + self.batch_size]
-            kwargs = dict(max_new_tokens=max_new_tokens or self.max_new_tokens, eos_token_id=self.stop_ids,
+            kwargs = dict(max_new_tokens=limit, eos_token_id=self.stop_ids,
                           pad_token_id=self.pad_id, do_sample=temperature > 0)
             if temperature > 0:
                 torch.manual_seed(seed + k)
@@ -82,11 +111,14 @@ class Generator:
                 gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                           **kwargs)
             width = input_ids.shape[1]
+            seconds = time.perf_counter() - started
             for r, i in enumerate(chunk):
                 new = gen[r, width:].tolist()
-                cut = next((j for j, t in enumerate(new) if t in self.stop_ids), len(new))
-                out[i] = self.tok.decode(new[:cut], skip_special_tokens=True)
-        return out
+                cut = next((j for j, t in enumerate(new) if t in self.stop_ids), None)
+                text = self.tok.decode(new[:cut], skip_special_tokens=True)
+                out[i] = Generation(text, len(ids[i]), len(new) if cut is None else cut + 1, cut is None, seconds,
+                                    seconds / len(chunk))
+        return out  # type: ignore[return-value]
 
     def _layout(self, rows: list[list[int]], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[shared prefix][padding][suffix] per row (plain left padding when shared == 0) and its mask."""

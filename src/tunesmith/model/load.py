@@ -81,7 +81,8 @@ def load_tokenizer(spec: str | None, trust_remote_code: bool = False, revision: 
 def load_model_and_tokenizer(spec: str | None = "default", *, device: str | torch.device = "cpu",
                              precision: str = "fp32", dtype: str | None = None, quantize_nf4: bool = False,
                              double_quant: bool = True, quantize_embeddings: bool = True,
-                             trust_remote_code: bool = False, revision: str | None = None):
+                             trust_remote_code: bool = False, revision: str | None = None,
+                             quant_storage: str = "uint8"):
     """Load a causal LM and its tokenizer. `dtype` is the storage dtype of the weights (default fp32);
     `precision` is the compute precision (used as the NF4 compute dtype). With `quantize_nf4`, the linear
     layers are NF4 (bitsandbytes) and, unless `quantize_embeddings` is false, the input embedding and output
@@ -95,7 +96,8 @@ def load_model_and_tokenizer(spec: str | None = "default", *, device: str | torc
     if quantize_nf4:
         from .quantize import nf4_config
 
-        kwargs["quantization_config"] = nf4_config(double_quant, DTYPES.get(precision, torch.bfloat16))
+        storage = torch.uint8 if quant_storage == "uint8" else DTYPES[quant_storage]
+        kwargs["quantization_config"] = nf4_config(double_quant, DTYPES.get(precision, torch.bfloat16), storage)
         kwargs["device_map"] = {"": str(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)

@@ -28,9 +28,11 @@ def _bnb():
     return bnb
 
 
-def nf4_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16):
+def nf4_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+               quant_storage: torch.dtype = torch.uint8):
     """The `BitsAndBytesConfig` for a QLoRA base: NF4 weights, optional double quantisation of the
-    per-block absmax scales, matmuls computed in `compute_dtype`."""
+    per-block absmax scales, matmuls computed in `compute_dtype`. `quant_storage` bf16 packs the 4-bit
+    values into bf16 tensors, which FSDP2 shards like any other parameter."""
     _bnb()
     from transformers import BitsAndBytesConfig
 
@@ -39,7 +41,7 @@ def nf4_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.bfl
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 

@@ -56,16 +56,20 @@ def latest(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save(components: dict[str, Component], root: Path, step: int, keep_last: int | None = None) -> Path:
-    """Write a checkpoint of the components atomically; apply retention; return its folder."""
-    root.mkdir(parents=True, exist_ok=True)
+def save(components: dict[str, Component], root: Path, step: int, keep_last: int | None = None,
+         write: bool = True) -> Path:
+    """Write a checkpoint of the components atomically; apply retention; return its folder. Every process
+    calls this (gathering a sharded state is collective); only the one with `write` writes."""
+    states = {name: component.state_dict() for name, component in components.items()}
     final = root / f"step-{step:06d}"
+    if not write:
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        for name, component in components.items():
-            tensors, meta = component.state_dict()
+        for name, (tensors, meta) in states.items():
             if tensors:
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                           str(tmp / f"{name}.safetensors"))
@@ -121,13 +125,35 @@ def check_folder(path: Path, components: dict[str, Component]) -> None:
 
 
 # ---------------------------------------------------------------- components every training run has
+# Under DDP or FSDP2 the weights and optimizer state are gathered into full tensors on rank 0 (and spread
+# back on resume) with torch.distributed.checkpoint's state-dict API, so a checkpoint has the same files
+# whatever wrote it: one written by 2 processes resumes in 1, and the reverse.
+
+def _distributed(parallel) -> bool:
+    return parallel is not None and parallel.world_size > 1
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+POLICY_PREFIX = "model."  # train.loop.Policy holds the model as `.model`
+
 
 class TrainableWeights:
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, policy: torch.nn.Module | None = None, parallel=None):
+        self.model, self.policy, self.parallel = model, policy, parallel
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return dict(_trainable_names(self.model)), {}
+        names = _trainable_names(self.model)
+        if not _distributed(self.parallel):
+            return dict(names), {}
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(self.policy, options=_full_options(ignore_frozen_params=True))
+        return {k[len(POLICY_PREFIX):]: v for k, v in full.items() if k[len(POLICY_PREFIX):] in names}, {}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         names = _trainable_names(self.model)
@@ -136,32 +162,97 @@ class TrainableWeights:
             raise TunesmithError(f"the checkpoint does not match this run's trainable parameters "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
                                  "resume with the same config the checkpoint was written with")
+        if _distributed(self.parallel):
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(self.policy, {POLICY_PREFIX + k: v for k, v in tensors.items()},
+                                 options=_full_options(strict=False))
+            return
         with torch.no_grad():
             for n, p in names.items():
                 p.copy_(tensors[n].to(p.device, p.dtype))
 
 
 class OptimizerState:
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module):
-        self.optimizer, self.model = optimizer, model
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                 policy: torch.nn.Module | None = None, parallel=None):
+        self.optimizer, self.model, self.policy, self.parallel = optimizer, model, policy, parallel
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return _optimizer_state(self.optimizer, _trainable_names(self.model))
+        if not _distributed(self.parallel):
+            return _optimizer_state(self.optimizer, _trainable_names(self.model))
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(self.policy, self.optimizer, options=_full_options())
+        return _from_fqn_state(full, type(self.optimizer).__name__)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         if not meta:
             raise TunesmithError("the checkpoint has no optimizer state", "resume from a complete checkpoint")
-        _load_optimizer(self.optimizer, _trainable_names(self.model), tensors, meta)
+        if not _distributed(self.parallel):
+            _load_optimizer(self.optimizer, _trainable_names(self.model), tensors, meta)
+            return
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if meta.get("type") != type(self.optimizer).__name__:
+            raise TunesmithError("the checkpoint's optimizer does not match this run's",
+                                 "resume with the same config the checkpoint was written with")
+        set_optimizer_state_dict(self.policy, self.optimizer, _to_fqn_state(tensors, meta),
+                                 options=_full_options())
+
+
+def _from_fqn_state(full: dict, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch.distributed.checkpoint's full optimizer state (keyed by parameter FQN) in tunesmith's layout."""
+    cut = len(POLICY_PREFIX)
+    tensors, scalars = {}, {}
+    for fqn, st in full.get("state", {}).items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                tensors[f"{fqn[cut:]}::{k}"] = v
+            else:
+                scalars.setdefault(fqn[cut:], {})[k] = float(v)
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [f[cut:] for f in g["params"]]}
+              for g in full.get("param_groups", [])]
+    return tensors, {"groups": groups, "scalars": scalars, "type": kind}
+
+
+def _to_fqn_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {}
+    for key, t in tensors.items():
+        name, k = key.split("::", 1)
+        state.setdefault(POLICY_PREFIX + name, {})[k] = t
+    for name, sc in meta["scalars"].items():
+        for k, v in sc.items():
+            state.setdefault(POLICY_PREFIX + name, {})[k] = torch.tensor(v, dtype=torch.float32)
+    groups = [{**{k: tuple(v) if k == "betas" else v for k, v in g.items() if k != "params"},
+               "params": [POLICY_PREFIX + n for n in g["params"]]} for g in meta["groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 class RngState:
-    """torch (CPU and CUDA), Python and NumPy generators of this process."""
+    """torch (CPU and CUDA), Python and NumPy generators: of this process, or of every rank (gathered to
+    rank 0). A resume at another world size gives rank r the state rank r mod (saved world size) had."""
+
+    def __init__(self, parallel=None):
+        self.parallel = parallel
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return _rng_state()
+        tensors, js = _rng_state()
+        if not _distributed(self.parallel):
+            return tensors, js
+        mine = json.dumps({"json": js, "tensors": {k: v.tolist() for k, v in tensors.items()}}).encode()
+        ranks = [json.loads(b) for b in self.parallel.gather_bytes(mine)]
+        out = {f"{k}.rank{r}": torch.tensor(v, dtype=torch.uint8) for r, st in enumerate(ranks)
+               for k, v in st["tensors"].items()}
+        return out, {"ranks": [st["json"] for st in ranks]}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        _set_rng(tensors, meta)
+        if "ranks" not in meta:  # written by one process
+            _set_rng(tensors, meta)
+            return
+        r = (self.parallel.rank if self.parallel is not None else 0) % len(meta["ranks"])
+        suffix = f".rank{r}"
+        _set_rng({k[:-len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}, meta["ranks"][r])
 
 
 def _trainable_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -21,6 +21,7 @@ from ..errors import TrainingAborted
 from ..methods.base import Method
 from ..methods.reference import Reference
 from ..model.device import Runtime
+from ..model.unwrap import reshard
 from .checkpoint import Component, OptimizerState, RngState, TrainableWeights
 from .parallel import SingleProcess
 from .schedule import lr_factor, warmup_steps
@@ -41,15 +42,29 @@ class TrainState:
                 "skipped_nonfinite": self.skipped_nonfinite, "elapsed": self.elapsed}
 
 
+class Policy(torch.nn.Module):
+    """The method's policy log-probs of a batch as one module forward, so that DDP and FSDP2 (which hook a
+    module's forward) see the whole computation: the body, the chunked LM head and the log-softmax."""
+
+    def __init__(self, model: torch.nn.Module, method: Method, chunk: int):
+        super().__init__()
+        self.model, self.method, self.chunk = model, method, chunk
+
+    def forward(self, batch):
+        return self.method.policy_logps(self.model, batch, self.chunk)
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, method: Method, source: BatchSource, cfg: TrainConfig,
                  runtime: Runtime, optimizer: torch.optim.Optimizer, *, reference: Reference | None = None,
                  eval_source: Callable[[], Iterable[MicroBatch]] | None = None,
-                 parallel: SingleProcess | None = None,
+                 parallel: SingleProcess | None = None, policy: torch.nn.Module | None = None,
                  callbacks: Sequence[Callable[[Trainer, dict], None]] = ()):
+        """`policy`: the (wrapped) `Policy` module of `model`; built here when not given."""
         self.model, self.method, self.source, self.cfg, self.rt = model, method, source, cfg, runtime
         self.optimizer, self.reference, self.eval_source = optimizer, reference, eval_source
         self.parallel = parallel or SingleProcess()
+        self.policy = policy if policy is not None else self.parallel.wrap(Policy(model, method, cfg.logits_chunk))
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.total_steps = source.total_steps
@@ -62,7 +77,7 @@ class Trainer:
     # ---- one micro-batch -----------------------------------------------------------------------------
     def forward(self, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self.rt.autocast():
-            policy = self.method.policy_logps(self.model, mb.batch, self.cfg.logits_chunk)
+            policy = self.policy(mb.batch)
         ref = None
         if self.method.needs_reference:
             if self.reference is None:
@@ -76,22 +91,22 @@ class Trainer:
         step = self.state.step
         t0 = time.perf_counter()
         self.model.train()
-        mbs = self.source.step(step)
+        mbs = self.source.step(step)  # padding micro-batches (weight 0) keep the ranks' collectives in step
         source_s = time.perf_counter() - t0  # making the batches: sampling, for an online method
-        units = self.parallel.sum([float(sum(self.method.units(mb.batch) for mb in mbs))])[0]
+        units = self.parallel.sum([float(sum(self.method.units(mb.batch) * mb.weight for mb in mbs))])[0]
         total_loss = torch.zeros((), device=self.rt.device)
         sums: dict[str, list] = {}
         for k, mb in enumerate(mbs):
-            with self.parallel.accumulating(self.model, last=k == len(mbs) - 1):
+            with self.parallel.accumulating(self.policy, last=k == len(mbs) - 1):
                 loss_sum, metrics = self.forward(mb)
-                (loss_sum * self.parallel.world_size / max(units, 1)).backward()
-            total_loss += loss_sum.detach()
-            add_metrics(sums, metrics)
+                (loss_sum * (mb.weight * self.parallel.world_size / max(units, 1))).backward()
+            total_loss += loss_sum.detach() * mb.weight
+            add_metrics(sums, metrics, mb.weight)
         grad_norm = self.parallel.clip(self.trainable, self.cfg.max_grad_norm)
         names = sorted(sums)
         reduced = self.parallel.sum([float(total_loss), *(float(x) for n in names for x in sums[n]),
-                                     float(sum(mb.batch.n_real_tokens for mb in mbs)),
-                                     float(sum(mb.batch.n_target_tokens for mb in mbs))])
+                                     float(sum(mb.batch.n_real_tokens * mb.weight for mb in mbs)),
+                                     float(sum(mb.batch.n_target_tokens * mb.weight for mb in mbs))])
         loss = reduced[0] / max(units, 1)
         record = {"step": step + 1, "epoch": round(self.source.epoch_at(step + 1), 4), "loss": loss,
                   "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -149,12 +164,13 @@ class Trainer:
         sums: dict[str, list] = {}
         for mb in self.eval_source():
             with self.rt.autocast():
-                policy = self.method.policy_logps(self.model, mb.batch, self.cfg.logits_chunk)
+                policy = self.policy(mb.batch)
             ref = self.reference("eval", mb.items, mb.batch) if self.method.needs_reference else None
             loss_sum, metrics = self.method.loss(policy, ref, mb.batch)
-            total += float(loss_sum)
-            units += self.method.units(mb.batch)
-            add_metrics(sums, metrics)
+            total += float(loss_sum) * mb.weight
+            units += self.method.units(mb.batch) * mb.weight
+            add_metrics(sums, metrics, mb.weight)
+        reshard(self.policy)
         names = sorted(sums)
         reduced = self.parallel.sum([total, units, *(float(x) for n in names for x in sums[n])])
         out = {"eval_loss": reduced[0] / max(reduced[1], 1)}
@@ -164,13 +180,18 @@ class Trainer:
     # ---- what a checkpoint holds ---------------------------------------------------------------------
     def components(self, extra: dict | None = None) -> dict[str, Component]:
         """Every part of the run a checkpoint saves and a resume restores, by file name."""
-        return {"trainable": TrainableWeights(self.model), "optimizer": OptimizerState(self.optimizer, self.model),
-                "rng": RngState(), "state": Progress(self, extra or {}), "source": SourceState(self.source)}
+        return {"trainable": TrainableWeights(self.model, self.policy, self.parallel),
+                "optimizer": OptimizerState(self.optimizer, self.model, self.policy, self.parallel),
+                "rng": RngState(self.parallel), "state": Progress(self, extra or {}),
+                "source": SourceState(self.source)}
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self, on_record: Callable[[dict], None] | None = None) -> TrainState:
         self._set_lr(self.state.step)
-        while self.state.step < self.total_steps and not self.stop_requested:
+        while self.state.step < self.total_steps:
+            self.stop_requested = self.parallel.any(self.stop_requested)  # every rank stops at the same step
+            if self.stop_requested:
+                break
             record = self.train_step()
             every = self.cfg.eval_every
             if every and (self.state.step % every == 0 or self.state.step == self.total_steps):
@@ -183,14 +204,15 @@ class Trainer:
         return self.state
 
 
-def add_metrics(sums: dict[str, list], metrics: dict) -> None:
+def add_metrics(sums: dict[str, list], metrics: dict, weight: float = 1.0) -> None:
     """Accumulate a micro-batch's metrics: a sum (divided by the step's units when logged), or a (sum, count)
-    pair (divided by its summed count: e.g. a mean over completions when the units are tokens)."""
+    pair (divided by its summed count: e.g. a mean over completions when the units are tokens). `weight` 0:
+    a padding micro-batch, which counts nothing."""
     for name, v in metrics.items():
         pair = v if isinstance(v, tuple) else (v, None)
         got = sums.setdefault(name, [0.0] if pair[1] is None else [0.0, 0.0])
         for i, x in enumerate(pair[:len(got)]):
-            got[i] = got[i] + (x.detach().float() if isinstance(x, torch.Tensor) else float(x))
+            got[i] = got[i] + (x.detach().float() if isinstance(x, torch.Tensor) else float(x)) * weight
 
 
 def metric_means(names: list[str], sums: dict[str, list], reduced: Sequence[float], units: float) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..config import RunConfig, stage_config
+from ..config import RunConfig, dump_config, stage_config
 from ..data.batching import pack_setting
 from ..data.load import load_data, write_rejects
 from ..data.plan import BatchPlan
@@ -31,8 +31,8 @@ from ..model.device import Runtime, make_runtime
 from ..model.load import load_model_and_tokenizer, model_identity
 from ..model.sampling import Sampler
 from ..model.unwrap import unwrap
-from .loop import Trainer, TrainState
-from .parallel import SingleProcess, setup_parallel
+from .loop import Policy, Trainer, TrainState
+from .parallel import SingleProcess, setup_parallel, world_from_env
 from .rollout import RolloutSource
 from .rundir import RunDir, data_hash
 from .session import run_loop
@@ -150,8 +150,9 @@ def train_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bool
 
 
 def prepare_stage(cfg: RunConfig, run_path: Path, console: Console) -> Stage:
+    cfg = with_accumulation(cfg, world_from_env()[1])
     rt = make_runtime(cfg.device, cfg.precision, cfg.threads)
-    parallel = setup_parallel()
+    parallel = setup_processes(cfg, rt, console)
     run = RunDir(run_path, rt.is_main)
     run.write_config(cfg)
     seed_everything(cfg.train.seed)
@@ -175,6 +176,36 @@ def refuse_online_parallel(cfg: RunConfig, method: Method, parallel: SingleProce
                                   "multi-stage config: run the online stage in a config of its own)")
 
 
+def with_accumulation(cfg: RunConfig, world_size: int) -> RunConfig:
+    """`train.global_batch_size` fixes the examples per optimizer step over all processes; the accumulation
+    follows from the micro-batch and the number of processes, which must divide it."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return cfg
+    per_pass = t.micro_batch_size * world_size
+    if t.grad_accum != 1 or t.global_batch_size % per_pass:
+        fits = [m for m in range(1, t.global_batch_size + 1) if t.global_batch_size % (m * world_size) == 0]
+        raise TunesmithError(
+            f"train.global_batch_size {t.global_batch_size} is not micro_batch_size {t.micro_batch_size} x "
+            f"{world_size} process(es) x a whole number of accumulation steps"
+            + (" (and train.grad_accum is set too)" if t.grad_accum != 1 else ""),
+            f"leave train.grad_accum unset and use a micro_batch_size that divides it: {fits[-4:] or 'none'}, "
+            f"or change the number of processes")
+    accum = t.global_batch_size // per_pass
+    return cfg.model_copy(update={"train": t.model_copy(update={"grad_accum": accum})})
+
+
+def setup_processes(cfg: RunConfig, rt: Runtime, console: Console) -> SingleProcess:
+    """Join the other processes (under torchrun) and check that this run can use them, before any work."""
+    t = cfg.train
+    if world_from_env()[1] > 1 and cfg.adapter.kind == "qlora" and t.parallel == "fsdp" and rt.device.type != "cuda":
+        raise TunesmithError("QLoRA with FSDP2 needs CUDA: FSDP2 shards bitsandbytes' 4-bit storage only with "
+                             "its CUDA kernels", "use train.parallel: ddp on CPU, or run on GPUs")
+    parallel = setup_parallel(t.parallel, rt.device, cpu_offload=t.fsdp_cpu_offload, timeout_s=t.dist_timeout_s)
+    parallel.same_on_every_rank(dump_config(cfg), "the config")
+    return parallel
+
+
 def setup_data(cfg: RunConfig, method: Method, run: RunDir, console: Console) -> tuple[Dataset, Dataset | None]:
     train_ds, eval_ds = load_data(cfg.data, cfg.train.seed, method.example_kind)
     if train_ds.kind != method.example_kind:
@@ -196,7 +227,8 @@ def setup_model(cfg: RunConfig, rt: Runtime, console: Console) -> tuple[torch.nn
         cfg.model, device=rt.device, precision=rt.precision, dtype=base_dtype(cfg, rt.precision),
         quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
         quantize_embeddings=cfg.adapter.embeddings_in_4bit,
-        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+        quant_storage="bf16" if _sharded_qlora(cfg) else "uint8")
     if cfg.adapter.from_adapter:
         model = adapters.load_adapter(model, cfg.adapter.from_adapter, trainable=True)
     else:
@@ -210,6 +242,11 @@ def setup_model(cfg: RunConfig, rt: Runtime, console: Console) -> tuple[torch.nn
     if rt.is_main:
         console.print(adapters.format_summary(adapters.trainable_summary(model)))
     return model, tokenizer
+
+
+def _sharded_qlora(cfg: RunConfig) -> bool:
+    """QLoRA under FSDP2 (only when asked for: `train.parallel: auto` keeps 4-bit replicas, which are small)."""
+    return cfg.adapter.kind == "qlora" and cfg.train.parallel == "fsdp" and world_from_env()[1] > 1
 
 
 def render_items(cfg: RunConfig, method: Method, tokenizer: Any, train_ds: Dataset, eval_ds: Dataset | None,
@@ -241,10 +278,20 @@ def setup_trainer(cfg: RunConfig, method: Method, model: torch.nn.Module, tokeni
     pack = pack_setting(t.packing, t.pack_length)
     plan = BatchPlan.from_config([method.length(x) for x in items], t, parallel.world_size)
     collator = Collator(method, pad_id, pack, rt.device)
+    policy = Policy(model, method, t.logits_chunk)
+    parallel.resolve(policy, "ddp" if cfg.adapter.kind == "qlora" else None)
+    if parallel.sharded and cfg.adapter.embeddings_in_4bit:
+        raise TunesmithError("FSDP2 cannot shard tunesmith's 4-bit embedding table (one packed table shared by "
+                             "the embedding and the head)", "set adapter.quantize_embeddings: false with "
+                             "train.parallel: fsdp (the embedding and head then stay bf16)")
+    policy = parallel.wrap(policy)  # before the optimizer is built: FSDP2 replaces the parameters
+    if parallel.world_size > 1 and rt.is_main:
+        console.print(f"{parallel.world_size} processes, {parallel.engine} ({parallel.why}); global batch "
+                      f"{t.micro_batch_size} x {t.grad_accum} accumulation x {parallel.world_size}")
     reference = None
     if method.needs_reference:
         reference = build_reference(model, method, planned_items(plan, items, eval_items, t.micro_batch_size),
-                                    cfg, rt, tokenizer, pack, console)
+                                    cfg, rt, tokenizer, pack, console, forward=policy, reducer=parallel)
     source = batch_source(cfg, method, model, tokenizer, plan, items, collator, rt, parallel)
     eval_source = None
     if eval_items and isinstance(source, RolloutSource):
@@ -253,8 +300,8 @@ def setup_trainer(cfg: RunConfig, method: Method, model: torch.nn.Module, tokeni
     elif eval_items:
         def eval_source():
             return eval_batches(eval_items, t.micro_batch_size, collator, parallel.rank, parallel.world_size)
-    trainer = Trainer(parallel.wrap(model), method, source, t, rt, _optimizer(model, cfg), reference=reference,
-                      eval_source=eval_source, parallel=parallel)
+    trainer = Trainer(model, method, source, t, rt, _optimizer(model, cfg), reference=reference,
+                      eval_source=eval_source, parallel=parallel, policy=policy)
     return trainer, reference
 
 
@@ -271,8 +318,9 @@ def batch_source(cfg: RunConfig, method: Method, model: torch.nn.Module, tokeniz
 
 def finish_stage(st: Stage, state: TrainState, console: Console, seconds: float) -> Run:
     cfg, rt = st.cfg, st.rt
+    gathered = gathered_weights(st.trainer.policy, st.model) if st.parallel.sharded else None  # every rank takes part
     if rt.is_main:
-        adapters.save_adapter(st.model, st.run.adapter)
+        adapters.save_adapter(st.model, st.run.adapter, gathered)
         st.tokenizer.save_pretrained(st.run.adapter)
     warnings = st.method.diagnose(state.history)
     for w in warnings:
@@ -300,6 +348,16 @@ def finish_stage(st: Stage, state: TrainState, console: Console, seconds: float)
         write_run_report(st.run.path)
     st.parallel.close()
     return Run(st.run.path, cfg, state, info)
+
+
+def gathered_weights(policy: torch.nn.Module, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) weights of an FSDP2 model on rank 0, named as the model itself names them, less
+    the tied copies (a tied head is saved once, as one process saves it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = getattr(unwrap(model), "all_tied_weights_keys", None) or {}
+    return {name: v for k, v in full.items() if (name := k.removeprefix("model.")) not in tied}
 
 
 def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

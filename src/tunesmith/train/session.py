@@ -66,11 +66,9 @@ def run_loop(trainer: Trainer, run: RunDir, cfg: RunConfig, console: Console, pr
     for record in trainer.state.history:
         run.log(record)
 
-    def save() -> Path | None:
-        if not run.is_main:
-            return None
+    def save() -> Path:
         return checkpoint.save(trainer.components(extra_state), root, trainer.state.step,
-                               keep_last=cfg.train.keep_last)
+                               keep_last=cfg.train.keep_last, write=run.is_main)
 
     with TrainProgress(trainer.total_steps, console, enabled=progress and run.is_main, label=cfg.method) as bar:
         def on_record(record: dict) -> None:

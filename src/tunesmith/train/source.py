@@ -22,6 +22,7 @@ class MicroBatch:
     split: Split
     items: list[Any]  # the rendered items the batch was collated from
     batch: Batch  # on the training device
+    weight: float = 1.0  # 0: padding that keeps a rank's collectives in step with the others; counts nothing
 
 
 class BatchSource(Protocol):
@@ -48,8 +49,16 @@ class Collator:
     def __init__(self, method: Method, pad_id: int, pack_length: int | None, device: torch.device):
         self.method, self.pad_id, self.pack_length, self.device = method, pad_id, pack_length, device
 
-    def __call__(self, split: Split, items: list[Any]) -> MicroBatch:
-        return MicroBatch(split, items, self.method.collate(items, self.pad_id, self.pack_length).to(self.device))
+    def __call__(self, split: Split, items: list[Any], weight: float = 1.0) -> MicroBatch:
+        batch = self.method.collate(items, self.pad_id, self.pack_length).to(self.device)
+        return MicroBatch(split, items, batch, weight)
+
+
+def padded(groups: list[list[int]], n: int, fallback: list[int]) -> list[tuple[list[int], float]]:
+    """`groups` with weight 1, then repeats of the last one (or `fallback`) with weight 0 up to n: every rank
+    runs the same number of forwards and backwards, which sharded engines need."""
+    filler = groups[-1] if groups else fallback
+    return [(g, 1.0) for g in groups] + [(filler, 0.0)] * (n - len(groups))
 
 
 class PlannedSource:
@@ -61,7 +70,9 @@ class PlannedSource:
         self.total_steps = plan.total_steps
 
     def step(self, s: int) -> list[MicroBatch]:
-        return [self.collator("train", [self.items[i] for i in idx]) for idx in self.plan.shard(s, self.rank)]
+        n = len(self.plan.shard(s, 0))  # rank 0 has the most micro-batches of a step
+        groups = padded(self.plan.shard(s, self.rank), n, self.plan.step(s)[0])
+        return [self.collator("train", [self.items[i] for i in idx], w) for idx, w in groups]
 
     def epoch_at(self, steps_done: int) -> float:
         return self.plan.epoch_at(steps_done)
@@ -78,9 +89,11 @@ class PlannedSource:
 
 def eval_batches(items: Sequence[Any], micro_batch_size: int, collator: Collator, rank: int = 0,
                  world_size: int = 1) -> Iterator[MicroBatch]:
-    """This rank's share of the held-out micro-batches, in file order."""
-    for idx in eval_chunks(len(items), micro_batch_size, rank, world_size):
-        yield collator("eval", [items[i] for i in idx])
+    """This rank's share of the held-out micro-batches, in file order (padded to rank 0's count)."""
+    n = len(eval_chunks(len(items), micro_batch_size, 0, world_size))
+    mine = eval_chunks(len(items), micro_batch_size, rank, world_size)
+    for idx, w in padded(mine, n, eval_chunks(len(items), micro_batch_size)[0]):
+        yield collator("eval", [items[i] for i in idx], w)
 
 
 def planned_items(plan: BatchPlan, items: Sequence[Any], eval_items: Sequence[Any] | None,
