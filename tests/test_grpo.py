@@ -285,3 +285,15 @@ def test_progress_line_shows_the_rollout_metrics():
     assert rollout_info(record) == ("  reward 1.250  (json_schema 1.00, label 0.50)  std 0.400  kl 0.0012  "
                                     "clip 0.020  len 11.5  gen 812  train 2,400")
     assert rollout_info({"loss": 1.0}) == ""
+
+
+def test_grpo_under_torchrun_stops_with_a_clear_error(tiny_dir, tmp_path):
+    """Two real gloo processes: both stop before loading the model, naming the one-process limit."""
+    from test_distributed import launch
+
+    cfg = config(tiny_dir, tmp_path, name="dist")
+    proc, results = launch([{"config": cfg}], tmp_path / "launch", timeout=300)
+    assert "error" in results.get("dist", {}), proc.stderr[-2000:]
+    assert "'grpo' samples its batches during training and runs in one process only" in results["dist"]["error"]
+    assert "2 processes" in results["dist"]["error"]
+    assert not (tmp_path / "runs" / "dist" / "adapter").exists()
