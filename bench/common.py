@@ -208,6 +208,16 @@ def peak_rss_mib() -> float:
 
 # ---------------------------------------------------------------- docs
 
+def write_section(section: str, body: str) -> None:
+    """Replace (or add) `## <section>` of docs/BENCHMARKS.md with `body`, keeping every other section."""
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    new = f"## {section}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: new + "\n", text, count=1) if pattern.search(text) else \
+        text.rstrip() + "\n\n" + new
+    DOC.write_text(text.rstrip() + "\n")
+
+
 def write_method_section(method: str, body: str, intro: str) -> None:
     """Replace (or add) `### <method>` inside `## tunesmith vs TRL` of docs/BENCHMARKS.md, keeping the other
     methods' results and every other section."""

@@ -21,8 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "Distributed training"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
@@ -37,7 +39,8 @@ VARIANTS = [  # name, processes (None: no torchrun), engine, threads per process
 def config(out: Path, name: str, engine: str, threads: int, steps: int, model: str | None) -> dict:
     cfg = {"name": name, "output_dir": str(out), "device": "cpu", "precision": "auto", "threads": threads,
            "method": "sft", "adapter": {"kind": "lora", "r": 16},
-           "data": {"train": str(ROOT / "examples" / "banking77" / "train.jsonl"), "max_length": 128},
+           "data": {"train": str(ROOT / "examples" / "banking77" / "train.jsonl"), "max_length": 128,
+                    "max_examples": 16 * steps},  # one epoch: rendering the whole file would dominate
            "train": {"micro_batch_size": 4, "global_batch_size": 16, "max_steps": steps, "lr": 2e-4,
                      "parallel": engine, "save_every": None}}
     if model:
@@ -76,14 +79,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    section = f"## {SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {SECTION}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text, count=1) if pattern.search(text) else \
-        text.rstrip() + "\n\n" + section
-    DOC.write_text(text.rstrip() + "\n")
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -106,7 +101,7 @@ def main() -> None:
             "measures the cost of the distributed path, not a speed-up.\n\n" + table(results))
     print(body)
     if not args.no_write:
-        write_section(body)
+        write_section(SECTION, body)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ import argparse
 import itertools
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -130,14 +132,6 @@ def band(values: list[float]) -> str:
     return f"{100 * min(values):+.1f}% … {100 * max(values):+.1f}% (largest |error| {100 * max(map(abs, values)):.1f}%)"
 
 
-def write_section(body: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    section = f"## {SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {SECTION}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text, count=1) if pattern.search(text) else \
-        text.rstrip() + "\n\n" + section
-    DOC.write_text(text.rstrip() + "\n")
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -184,7 +178,7 @@ def main() -> None:
         body.append(f"Time per step with --calibrate: {band([r['time_error'] for r in results])}.")
     print("\n".join(body))
     if not args.no_write:
-        write_section(intro(args) + "\n\n" + "\n".join(body))
+        write_section(SECTION, intro(args) + "\n\n" + "\n".join(body))
         print(f"wrote the {SECTION} section of {DOC}", file=sys.stderr)
 
 

@@ -183,3 +183,21 @@ def test_template_errors_are_reported_whole(tmp_path, tiny_dir, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [(f["code"], f["rows"]) for f in report["findings"] if f["level"] == "error"] == [("template", [f"{data}:1"])]
     assert main(["data", "check", str(data), "--model", str(model), "--train-on", "last_assistant"]) == 0
+
+
+def test_check_empty_file_exits_one_and_report_file_holds_every_row(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["data", "check", str(empty)]) == 1
+    assert f"{empty}: no rows found" in capsys.readouterr().out
+    rows = [chat(f"question {i}: I ordered a new debit card two weeks ago and it still has not arrived at my home "
+                 "address, can you tell me where it is and when it will come", "Cards arrive within ten working "
+                 "days; if yours has not come by then, we can cancel it and send you a new one") for i in range(30)]
+    rows += [chat(f"something else entirely: {w}", f"an answer about {w}") for w in "abcdefghij"]
+    data = write_jsonl(tmp_path / "dups.jsonl", rows)
+    report = tmp_path / "out" / "report.json"
+    assert main(["data", "check", str(data), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "... and 25 more" in out and f"full report: {report}" in out
+    [near] = [f for f in json.loads(report.read_text())["findings"] if f["code"] == "near_duplicates"]
+    assert near["groups"] == [[f"{data}:{i}" for i in range(1, 31)]]

@@ -205,3 +205,77 @@ def test_near_duplicates_in_thousands_of_rows():
     pairs = dedup.near_duplicate_pairs(texts)
     assert [(i, j) for i, j, _ in pairs] == planted
     assert all(sim == pytest.approx(35 / 41) for _, _, sim in pairs)
+
+
+# --- what differs between rows, and reports of large groups ----------------------------------------------
+
+BOOKING_SYSTEM = ("You are the booking assistant of Trattoria Roma, an Italian restaurant in the old town. "
+                  "The restaurant is open Tuesday to Sunday from noon to three and from six to eleven in the "
+                  "evening. Tables seat two, four or six guests; larger groups need the private room, which must "
+                  "be booked a week ahead. Always confirm the date, the time, the number of guests and the name "
+                  "the booking is under, mention that a card is needed to hold groups of six or more, and answer "
+                  "in one short, friendly paragraph without lists or headings.")
+NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro", "Ines", "Jonas"]
+DAYS = ["Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def booking_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        name, day, guests, hour = NAMES[i % 10], DAYS[i % 6], 2 + i % 5, 6 + i % 5
+        user = f"Hi, could {name} get a table for {guests} on {day} at {hour} pm? Reference {i * 7919 % 100003}."
+        answer = f"Booked: {day}, {hour} pm, {guests} guests under {name}; your code is R{i * 104729 % 99991}."
+        rows.append({"messages": [{"role": "system", "content": BOOKING_SYSTEM}, {"role": "user", "content": user},
+                                  {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def test_a_long_shared_system_prompt_does_not_make_rows_near_duplicates(tmp_path):
+    rows = booking_rows(300)
+    copy = json.loads(json.dumps(rows[10]))  # one real near duplicate: the same request, one word changed
+    copy["messages"][1]["content"] = copy["messages"][1]["content"].replace("Hi,", "Hello,")
+    path = write_jsonl(tmp_path / "t.jsonl", rows + [copy])
+    found = by_code(check_data(path))
+    assert found["near_duplicates"].rows == [f"{path}:11 ~ {path}:301"]
+    assert "exact_duplicates" not in found
+
+
+def test_large_groups_are_capped_on_the_console_and_complete_in_the_report(tmp_path):
+    from rich.console import Console
+
+    rows = [{"prompt": f"Write a limerick about a ginger cat called Tom who sat on a mat in the hall, number {i}",
+             "completion": "There once was a ginger cat called Tom who sat on the mat in the hall all day long"}
+            for i in range(12)]
+    rows += [{"prompt": f"unrelated question {i} about {w}", "completion": f"answer {w} {i}"}
+             for i, w in enumerate(["maps", "tides", "bread", "ferns", "clocks", "stars", "rivers", "salt"] * 2)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    report = check_data(path)
+    near = by_code(report)["near_duplicates"]
+    members = [f"{path}:{i}" for i in range(1, 13)]
+    assert near.groups == [members]
+    assert near.rows == [" ~ ".join(members[:5]) + " ~ ... and 7 more"]
+    out = io.StringIO()
+    report.render(Console(file=out, width=300, color_system=None))
+    assert " ~ ... and 7 more" in out.getvalue() and f"{path}:12" not in out.getvalue()
+    report.write(tmp_path / "report.json")
+    full = json.loads((tmp_path / "report.json").read_text())
+    [entry] = [f for f in full["findings"] if f["code"] == "near_duplicates"]
+    assert entry["groups"] == [members] and full["warning_count"] == len(report.warnings)
+    assert "groups" not in json.loads(report.to_json())["findings"][0]  # --json stays compact
+
+
+def test_an_empty_file_is_an_error_as_it_is_for_training(tmp_path):
+    from tunesmith.data.load import load_examples
+    from tunesmith.errors import DataError
+
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    report = check_data(str(path))
+    [finding] = report.errors
+    assert finding.code == "no_rows" and finding.message == f"{path}: no rows found"
+    with pytest.raises(DataError) as err:
+        load_examples(str(path))
+    [problem] = err.value.problems
+    assert (problem.where, problem.what, problem.hint) == (str(path), "no rows found", finding.hint)
+    held = check_data(TRAIN, eval_spec=str(path))
+    assert any(f.code == "no_rows" and f.message.startswith("eval data: ") for f in held.errors)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tunesmith.config import DataConfig
-from tunesmith.data.formats import hh_messages
+from tunesmith.data.formats import common_system_prompt, hh_messages
 from tunesmith.data.load import load_data, load_examples, prompt_key, split_eval, write_rejects
-from tunesmith.data.types import Conversation, Message, Preference, Source, Unpaired
+from tunesmith.data.types import Conversation, Document, Message, Preference, Source, Unpaired
 from tunesmith.errors import DataError, TunesmithError
 
 FIX = Path(__file__).parent / "fixtures" / "data"
@@ -23,12 +23,8 @@ def msgs(*pairs, untrained=()):
 
 
 def hh_rlhf_file() -> Path:
-    """The real Anthropic hh-rlhf harmless test split: the example copy if present, else the shared one."""
-    for candidate in (Path("/work/main/examples/hh-rlhf/test.jsonl.gz"),
-                      Path("/work/shared/data/hh-rlhf-harmless/test.jsonl.gz")):
-        if candidate.exists():
-            return candidate
-    pytest.skip("hh-rlhf data not available")
+    """The real Anthropic hh-rlhf harmless test split, as the repository ships it in examples/."""
+    return Path(__file__).parent.parent / "examples" / "hh-rlhf" / "harmless-test.jsonl.gz"
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -263,7 +259,7 @@ BAD_ROWS = [
     ("messages", {"messages": [m(U, "q"), m(A, "a", weight=0)]}, "every assistant turn has weight 0", None),
     ("messages", {"messages": [m(U, "q"), m(A, "a", weight=0.5)]}, "messages[1].weight: must be 0 or 1", None),
     ("messages", {"messages": [m(U, "q"), {"role": A, "content": None, "tool_calls": []}]},
-     "messages[1].content: missing (tool calls are not supported)", None),
+     "messages[1].content: missing", None),
     ("messages", {"messages": [m(U, "q"), m(A, [{"type": "image_url"}])]},
      "messages[1].content[0]: only text content parts are supported", None),
     ("sharegpt", {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
@@ -400,3 +396,178 @@ def test_load_data_honours_columns_and_skip_invalid(tmp_path):
     train, _ = load_data(DataConfig(train=str(FIX / "mixed.jsonl"), skip_invalid=True), seed=0)
     assert len(train.examples) == 3 and len(train.rejected) == 2
     assert isinstance(train.examples[0], Conversation) and not isinstance(train.examples[0], Preference)
+
+
+# --- the system prompt every example shares ----------------------------------------------------------------
+
+def test_common_system_prompt():
+    def conv(system=None):
+        head = (Message(S, system),) if system else ()
+        return Conversation(head + (Message(U, "q"), Message(A, "a")))
+
+    assert common_system_prompt([conv("Be brief."), conv("Be brief.")]) == "Be brief."
+    assert common_system_prompt([conv("Be brief."), conv("Be kind.")]) is None
+    assert common_system_prompt([conv("Be brief."), conv()]) is None  # one example trained without it
+    assert common_system_prompt([conv("Be brief."), conv()], default="Be brief.") == "Be brief."  # data.system_prompt
+    assert common_system_prompt([conv(), conv()], default="Be brief.") == "Be brief."
+    assert common_system_prompt([conv(), conv()]) is None and common_system_prompt([]) is None
+    pair = Preference(msgs((S, "Be brief."), (U, "q")), msgs((A, "a")), msgs((A, "b")))
+    assert common_system_prompt([pair, conv("Be brief.")]) == "Be brief."
+    assert common_system_prompt([Document("text")]) is None
+    banking = load_examples(str(Path(__file__).parent.parent / "examples" / "banking77" / "test.jsonl")).examples
+    assert common_system_prompt(banking) == banking[0].messages[0].content
+
+
+# --- tool calling ---------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}}
+
+
+def call(name="get_weather", arguments='{"city": "Paris"}', id="c1"):
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_row(*messages, tools=(WEATHER,)):
+    row = {"messages": [m(U, "weather in Paris?"), *messages]}
+    if tools is not None:
+        row["tools"] = list(tools)
+    return row
+
+
+CALLED = {"role": A, "tool_calls": [call()]}
+RESULT = {"role": T, "tool_call_id": "c1", "content": '{"temp": 21}'}
+ANSWER = m(A, "It is 21 degrees.")
+
+
+def test_tool_calls_results_and_definitions_are_parsed():
+    from tunesmith.data.types import ToolCall
+
+    conv = load_rows_as_examples([tool_row(CALLED, RESULT, ANSWER)])[0]
+    first, called, result, answer = conv.messages
+    assert first.tools == (WEATHER,) and conv.tools == (WEATHER,) and called.tools == ()
+    assert called.content == "" and called.tool_calls == (ToolCall("get_weather", {"city": "Paris"}, "c1"),)
+    assert called.as_dict() == {"role": A, "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    assert result.as_dict() == {"role": T, "content": '{"temp": 21}', "tool_call_id": "c1"}
+    assert answer.as_dict() == {"role": A, "content": "It is 21 degrees."}  # no tool keys on plain messages
+    # arguments as an object, a bare function as the tool, tools as JSON text, results as JSON values
+    bare = {"name": "get_weather", "parameters": WEATHER["function"]["parameters"]}
+    row = tool_row({"role": A, "tool_calls": [call(arguments={"city": "Oslo", "days": 2}, id=None)]},
+                   {"role": T, "content": {"temp": -3}}, ANSWER, tools=None)
+    row["tools"] = json.dumps([bare])
+    conv = load_rows_as_examples([row])[0]
+    assert conv.tools == (WEATHER,) and conv.messages[1].tool_calls[0].arguments == {"city": "Oslo", "days": 2}
+    assert conv.messages[2].content == '{"temp": -3}'
+    # older datasets write tool results as plain turns, without structured calls: still accepted
+    plain = {"messages": [m(U, "q"), m(A, "calling"), m(T, "result"), m(A, "done")]}
+    assert load_rows_as_examples([plain])[0].messages[2].role == T
+
+
+def load_rows_as_examples(rows):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_examples(str(write_jsonl(Path(tmp) / "rows.jsonl", rows))).examples
+
+
+TOOL_BAD_ROWS = [
+    (tool_row({"role": A, "tool_calls": [call(name="get_wether")]}, RESULT, ANSWER),
+     "messages[1].tool_calls[0].function.name: calls 'get_wether', which the row's tools do not define",
+     "defined functions: get_weather", "tool_unknown"),
+    (tool_row({"role": A, "tool_calls": [call()]}, RESULT, ANSWER, tools=None),
+     "messages[1].tool_calls[0].function.name: calls 'get_weather', which the row's tools do not define",
+     "none (the row has no tools list)", "tool_unknown"),
+    (tool_row({"role": A, "tool_calls": [call(arguments='{"city": "Paris",}')]}, RESULT, ANSWER),
+     "messages[1].tool_calls[0].function.arguments: not valid JSON", None, "tool_arguments"),
+    (tool_row({"role": A, "tool_calls": [call(arguments='["Paris"]')]}, RESULT, ANSWER),
+     "messages[1].tool_calls[0].function.arguments: must be a JSON object, got list", None, "tool_arguments"),
+    (tool_row({"role": A, "tool_calls": [call(arguments='{"days": 2}')]}, RESULT, ANSWER),
+     "do not match the parameters of 'get_weather' at (arguments): 'city' is a required property", None,
+     "tool_schema"),
+    (tool_row({"role": A, "tool_calls": [call(arguments='{"city": "Paris", "days": "two"}')]}, RESULT, ANSWER),
+     "at days: 'two' is not of type 'integer'", None, "tool_schema"),
+    (tool_row(RESULT, ANSWER), "messages[1].tool_call_id: 'c1' answers no earlier unanswered call", None,
+     "tool_result"),
+    (tool_row({"role": T, "content": "21"}, ANSWER), "messages[1]: a tool result without a call before it", None,
+     "tool_result"),
+    (tool_row(CALLED, RESULT, dict(RESULT), ANSWER), "messages[3].tool_call_id: 'c1' answers no earlier unanswered "
+     "call", None, "tool_result"),
+    (tool_row(CALLED, dict(RESULT, name="get_time"), ANSWER), "messages[2].name: 'get_time' but the call it "
+     "answers is 'get_weather'", None, "tool_result"),
+    (tool_row(CALLED, RESULT, ANSWER, tools=[{"type": "function", "function": {"name": "f", "parameters":
+                                                                              {"type": "objekt"}}}]),
+     "tools[0].function.parameters: is not a valid JSON Schema", None, "tool_definition"),
+    (tool_row(CALLED, RESULT, ANSWER, tools=[WEATHER, WEATHER]), "tools: defines 'get_weather' more than once", None,
+     "tool_definition"),
+    ({"messages": [{"role": U, "content": "q", "tool_calls": [call()]}, ANSWER], "tools": [WEATHER]},
+     "messages[0].tool_calls: only assistant messages make tool calls, this one is 'user'", None, "tool_call"),
+]
+
+
+@pytest.mark.parametrize("row,what,hint,code", TOOL_BAD_ROWS, ids=[w[:50] for _, w, _, _ in TOOL_BAD_ROWS])
+def test_bad_tool_rows_name_file_line_and_field_in_training_and_data_check(tmp_path, row, what, hint, code):
+    from tunesmith.data.doctor import check_data
+
+    path = write_jsonl(tmp_path / "d.jsonl", [tool_row(CALLED, RESULT, ANSWER), row])
+    with pytest.raises(DataError) as err:
+        load_examples(str(path))
+    [problem] = err.value.problems
+    assert problem.where == f"{path}:2" and what in problem.what, problem
+    if hint:
+        assert hint in problem.hint
+    report = check_data(str(path))
+    [finding] = report.errors
+    assert finding.code == code and finding.rows == [f"{path}:2: {problem.what}"]
+
+
+def test_tool_calls_in_preference_and_prompt_completion_rows():
+    tools = [WEATHER]
+    pair = {"prompt": [m(U, "weather in Paris?")], "tools": tools,
+            "chosen": [{"role": A, "tool_calls": [call()]}], "rejected": [m(A, "I cannot know that.")]}
+    bad = dict(pair, rejected=[{"role": A, "tool_calls": [call(name="nope")]}])
+    pc = {"prompt": [m(U, "weather in Paris?")], "completion": [{"role": A, "tool_calls": [call()]}], "tools": tools}
+    got = load_rows_as_examples([pair])[0]
+    assert got.prompt[0].tools == (WEATHER,) and got.chosen[0].tool_calls[0].name == "get_weather"
+    assert load_rows_as_examples([pc])[0].tools == (WEATHER,)
+    with pytest.raises(DataError, match=r"rejected\[0\].tool_calls\[0\].function.name: calls 'nope'"):
+        load_rows_as_examples([bad])
+
+
+# --- documents ----------------------------------------------------------------------------------------------
+
+def test_text_rows_and_files_are_documents(tmp_path):
+    rows = write_jsonl(tmp_path / "d.jsonl", [{"text": "  First document.\n"}, {"text": "Second", "meta": 3}])
+    ds = load_examples(str(rows))
+    assert (ds.format, ds.kind) == ("text", "document")
+    assert ds.examples == [Document("  First document.\n", Source(str(rows), 1)), Document("Second", Source(str(rows), 2))]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.md").write_text("# A\n\nalpha")
+    (folder / "b.txt").write_text("beta")
+    assert [d.text for d in load_examples(str(folder)).examples] == ["# A\n\nalpha", "beta"]
+    csv = tmp_path / "d.csv"
+    csv.write_text("body,id\nhello there,1\n")
+    assert load_examples(str(csv), columns={"text": "body"}).examples[0].text == "hello there"
+
+
+def test_bad_documents_name_their_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, {"text": "  \n "}, {"text": 3}])
+    with pytest.raises(DataError) as err:
+        load_examples(str(path))
+    assert [(p.where, p.what) for p in err.value.problems] == [
+        (f"{path}:2", "text: is empty or whitespace only"), (f"{path}:3", "text: expected a string, got int")]
+    (tmp_path / "empty.md").write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty.md:1: text: is empty"):
+        load_examples(str(tmp_path / "empty.md"))
+
+
+def test_documents_split_off_an_eval_set_by_text():
+    docs = [Document(f"document number {i} " * 3, Source("d", i)) for i in range(10)]
+    docs.append(Document(docs[0].text.upper(), Source("d", 10)))  # the same text: stays on the same side
+    from tunesmith.data.types import Dataset
+
+    train, held = split_eval(Dataset(docs, "text", "document"), 0.3, seed=0)
+    assert len(held.examples) >= 3 and len(train.examples) + len(held.examples) == 11
+    held_keys = {prompt_key(d) for d in held.examples}
+    assert not held_keys & {prompt_key(d) for d in train.examples}

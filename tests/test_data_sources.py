@@ -166,9 +166,9 @@ def test_missing_local_file_is_not_treated_as_a_hub_id(tmp_path, name):
 
 
 def test_unsupported_file_type_and_empty_folder(tmp_path):
-    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / "notes.rtf").write_text("hi")
     with pytest.raises(TunesmithError, match="unsupported file type"):
-        rows_of(tmp_path / "notes.txt")
+        rows_of(tmp_path / "notes.rtf")
     (tmp_path / "empty").mkdir()
     with pytest.raises(TunesmithError, match="holds no data files"):
         rows_of(tmp_path / "empty")
@@ -190,3 +190,34 @@ def test_hub_id_without_network_does_not_retry(monkeypatch):
     with pytest.raises(TunesmithError, match="someone-xyz/no-such-dataset-123"):
         rows_of("someone-xyz/no-such-dataset-123")
     assert time.monotonic() - start < 15  # one probe with a timeout, not load_dataset's ~25 s of back-off
+
+
+def test_text_and_markdown_files_are_one_document_each(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\nsecond line\n")
+    (tmp_path / "b.md.gz").write_bytes(gzip.compress(b"# Title\n\nbody"))
+    got = list(read_rows([str(tmp_path / "a.txt"), str(tmp_path / "b.md.gz")]))
+    assert got == [({"text": "first line\nsecond line\n"}, Source(str(tmp_path / "a.txt"), 1)),
+                   ({"text": "# Title\n\nbody"}, Source(str(tmp_path / "b.md.gz"), 1))]
+
+
+def test_folder_of_documents_and_folder_with_data_files(tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "z.md").write_text("zed")
+    (docs / "sub" / "a.txt").write_text("ay")
+    (docs / ".draft.txt").write_text("hidden")
+    got = rows_of(docs)
+    assert [(r["text"], Path(s.file).relative_to(docs).as_posix()) for r, s in got] == [("ay", "sub/a.txt"),
+                                                                                         ("zed", "z.md")]
+    # next to structured data, .txt/.md files (READMEs, notes) are not data: the fixture folder has a notes.txt
+    assert all(s.file.endswith((".jsonl", ".jsonl.gz")) for _, s in rows_of(FIX / "folder"))
+
+
+def test_text_file_that_is_not_utf8_is_a_problem_with_its_line(tmp_path):
+    (tmp_path / "ok.txt").write_text("fine")
+    (tmp_path / "bad.txt").write_bytes(b"line one\nline \xff two\n")
+    problems: list[Problem] = []
+    got = list(read_rows(str(tmp_path), problems=problems))
+    assert [s.file for _, s in got] == [str(tmp_path / "ok.txt")]
+    assert problems == [Problem(f"{tmp_path / 'bad.txt'}:2", "not valid UTF-8 text (byte 14)",
+                                "save the file as UTF-8")]

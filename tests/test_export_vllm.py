@@ -1,4 +1,5 @@
-"""vLLM LoRA serving checks: each vLLM rule is exercised by an adapter that breaks it."""
+"""vLLM LoRA serving checks (rules read from vLLM 0.33.0's source): each rule is exercised by an adapter that
+breaks it, and what vLLM accepts (rank/alpha patterns, copies of the base embedding) is not flagged."""
 
 from __future__ import annotations
 
@@ -56,12 +57,33 @@ def test_plain_lora_is_servable(base_model, tiny_dir, tmp_path):
     ({"use_dora": True}, "DoRA"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "lora_only"}, "bias='lora_only'"),
-    ({"rank_pattern": {"q_proj": 16}}, "ignores per-module rank/alpha"),
-    ({"alpha_pattern": {"v_proj": 4}}, "ignores per-module rank/alpha"),
+    ({"lora_bias": True}, "LoRA bias (lora_bias)"),
+    ({"layer_replication": [[0, 2]]}, "layer_replication"),
 ])
 def test_each_unsupported_feature_is_reported(base_model, tiny_dir, tmp_path, config, expected):
     problems = check_vllm_lora(_adapter(base_model, tiny_dir, tmp_path / "a", **config))
     assert expected in _whats(problems)
+
+
+def test_inits_that_change_the_base_are_refused(base_model, tiny_dir, tmp_path):
+    adapter = _adapter(base_model, tiny_dir, tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for init, refused in [("pissa", True), ("olora", True), ("loftq", True), ("gaussian", False), (True, False)]:
+        (adapter / "adapter_config.json").write_text(json.dumps(config | {"init_lora_weights": init}))
+        assert ("changes the base weights" in _whats(check_vllm_lora(adapter))) is refused, init
+
+
+def test_trainable_tokens_are_refused(base_model, tiny_dir, tmp_path):
+    problems = _whats(check_vllm_lora(_adapter(base_model, tiny_dir, tmp_path / "a", target_modules=["q_proj"],
+                                               trainable_token_indices=[3, 4])))
+    assert "trainable-token deltas" in problems and "not LoRA matrices" in problems
+
+
+def test_rank_and_alpha_patterns_are_served(base_model, tiny_dir, tmp_path):
+    adapter = _adapter(base_model, tiny_dir, tmp_path / "a", rank_pattern={"q_proj": 16}, alpha_pattern={"v_proj": 4})
+    assert check_vllm_lora(adapter, max_lora_rank=16) == []
+    assert adapter_rank(adapter) == 16  # the largest rank decides --max-lora-rank
+    assert "rank 16 is above --max-lora-rank 8" in _whats(check_vllm_lora(adapter, max_lora_rank=8))
 
 
 def test_dora_and_saved_modules_also_flag_their_extra_tensors(base_model, tiny_dir, tmp_path):
@@ -83,10 +105,16 @@ def test_embedding_targets_depend_on_architecture(base_model, tiny_dir, tmp_path
     adapter = _adapter(base_model, tiny_dir, tmp_path / "head", target_modules=["q_proj", "lm_head"],
                        save_embedding_layers=False)
     assert check_vllm_lora(adapter) == []  # the base is llama: lm_head LoRA is supported
-    assert "vLLM cannot apply LoRA to 'lm_head' of a qwen2 model" in _whats(check_vllm_lora(adapter, architecture="qwen2"))
-    # PEFT's default also stores the whole lm_head matrix next to the LoRA pair, which vLLM rejects
+    for arch in ("qwen2", "mistral"):  # their vLLM classes declare no embedding modules
+        assert f"vLLM cannot apply LoRA to 'lm_head' of a {arch} model" in _whats(
+            check_vllm_lora(adapter, architecture=arch))
+    # PEFT's default also stores a copy of the base lm_head (`lm_head.base_layer.weight`); vLLM skips it
     full = _adapter(base_model, tiny_dir, tmp_path / "full", target_modules=["q_proj", "lm_head"])
-    assert "not LoRA matrices" in _whats(check_vllm_lora(full))
+    from safetensors import safe_open
+
+    with safe_open(str(full / "adapter_model.safetensors"), "pt") as f:
+        assert "base_model.model.lm_head.base_layer.weight" in f.keys()
+    assert check_vllm_lora(full) == []
 
 
 def test_missing_files(tmp_path):
@@ -108,3 +136,18 @@ def test_command_and_readme(base_model, tiny_dir, tmp_path):
     bad = _adapter(base_model, tiny_dir, tmp_path / "dora", use_dora=True)
     with pytest.raises(ProblemsError, match="DoRA"):
         write_vllm_readme(bad, "base", "x")
+
+
+def test_readme_tells_to_send_the_training_system_message(base_model, tiny_dir, tmp_path):
+    adapter = _adapter(base_model, tiny_dir, tmp_path / "a")
+    system = "Classify the customer's message. Answer with the label only: \"x\" or 'y'."
+    text = write_vllm_readme(adapter, "base", "banking", system_prompt=system).read_text()
+    assert "send it as the first message" in text and system in text
+    curl = text.split("```bash\ncurl", 1)[1].split("```", 1)[0]
+    body = shlex.split("curl" + curl.replace("\\\n", " "))[-1]  # what the shell passes to -d
+    assert json.loads(body)["messages"] == [{"role": "system", "content": system},
+                                            {"role": "user", "content": "Hello"}]
+    plain = write_vllm_readme(adapter, "base", "banking").read_text()
+    assert "first message" not in plain and json.loads(
+        shlex.split("curl" + plain.split("```bash\ncurl", 1)[1].split("```", 1)[0].replace("\\\n", " "))[-1]
+    )["messages"] == [{"role": "user", "content": "Hello"}]

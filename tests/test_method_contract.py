@@ -12,7 +12,7 @@ import torch
 
 from tunesmith.config import METHOD_ARGS, MethodConfig, RewardConfig
 from tunesmith.data.render import Renderer
-from tunesmith.data.types import Conversation, Message, Preference, Prompt, Unpaired
+from tunesmith.data.types import Conversation, Document, Message, Preference, Prompt, Unpaired
 from tunesmith.methods import METHODS, Method, get_method
 from tunesmith.methods.logps import sequence_logps
 from tunesmith.model.load import load_model_and_tokenizer
@@ -31,6 +31,8 @@ def examples(kind: str) -> list:
         return [Preference(p, a[i], a[(i + 2) % 6]) for i, p in enumerate(u)]
     if kind == "prompt":
         return [Prompt(p, w) for p, w in zip(u, WORDS, strict=True)]
+    if kind == "document":
+        return [Document(f"{w} and {v} " * 3) for w, v in zip(WORDS, WORDS[1:] + WORDS[:1], strict=True)]
     return [Unpaired(p, a[(i + i % 2) % 6], i % 2 == 0) for i, p in enumerate(u)]
 
 

@@ -68,3 +68,36 @@ def test_truncation_policies_are_counted(tok):
     drop = Renderer(tok, max_length=40, truncation="drop")
     assert drop.sft(long) is None and drop.sft(short) is not None
     assert drop.stats.dropped == 1 and drop.stats.rendered == 2
+
+
+def first_trained(item):
+    return next(i for i, t in enumerate(item.labels) if t != IGNORE)
+
+
+def test_left_truncation_keeps_one_prompt_for_both_sides_of_a_pair(tok):
+    """Completions of different lengths: cutting each side separately would leave them different prompts."""
+    from tunesmith.data.types import Preference
+
+    pair = Preference((Message("user", "hello world " * 30),), (Message("assistant", "card_arrival"),),
+                      (Message("assistant", "the quick brown fox jumps over the lazy dog " * 2),))
+    full = Renderer(tok, max_length=10**6).preference(pair)
+    longest = max(len(full.chosen), len(full.rejected))
+    renderer = Renderer(tok, max_length=longest - 10, truncation="left")
+    cut = renderer.preference(pair)
+    assert len(cut.rejected) == longest - 10 and len(cut.chosen) == len(full.chosen) - 10
+    # the same prompt on both sides: what full had, less the same 10 leading tokens
+    prompt = full.chosen.input_ids[10:first_trained(full.chosen)]
+    for side, whole in ((cut.chosen, full.chosen), (cut.rejected, full.rejected)):
+        assert side.input_ids[:first_trained(side)] == prompt
+        assert trained_text(tok, side) == trained_text(tok, whole)  # the replies are whole
+    assert renderer.stats.truncated == 1 and renderer.stats.dropped == 0
+
+
+def test_left_truncation_drops_a_pair_whose_reply_does_not_fit_and_counts_it(tok):
+    from tunesmith.data.types import Preference
+
+    pair = Preference((Message("user", "hi"),), (Message("assistant", "card_arrival"),),
+                      (Message("assistant", "hello world " * 40),))
+    renderer = Renderer(tok, max_length=40, truncation="left")
+    assert renderer.preference(pair) is None
+    assert (renderer.stats.rendered, renderer.stats.truncated, renderer.stats.dropped) == (1, 1, 1)

@@ -94,8 +94,9 @@ TWO_TURNS = (("user", "hi there"), ("assistant", "hello"), ("user", "how are you
 
 
 def build_tokenizer(out_dir: Path, specials: tuple[str, ...], bos: str | None, eos: str | None, pad: str | None,
-                    add_bos: bool, template: str | None):
-    """A tiny byte-level BPE with the given specials, saved to out_dir and loaded back with AutoTokenizer."""
+                    add_bos: bool, template: str | None, added: tuple[str, ...] = ()):
+    """A tiny byte-level BPE with the given specials (and `added` ordinary added tokens, as Qwen2.5 has
+    <tool_call>), saved to out_dir and loaded back with AutoTokenizer."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
@@ -109,6 +110,8 @@ def build_tokenizer(out_dir: Path, specials: tuple[str, ...], bos: str | None, e
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, bos_id)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    if added:
+        fast.add_tokens(list(added))
     if template is not None:
         fast.chat_template = template
     fast.save_pretrained(out_dir)
@@ -325,3 +328,131 @@ def test_tiny_model_with_pad_equal_to_eos_learns_to_stop(stop_model_dir, tmp_pat
         new = greedy_new_tokens(chat, prompt, max_new)
         assert new == ids(tok, LABELS[i]) + [tok.eos_token_id], tok.decode(new)
         assert len(new) < max_new
+
+
+# --- tool calling: golden renderings and masks of three template families --------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+WEATHER_JSON = json.dumps(WEATHER)
+TOOL_ROW = {"tools": [WEATHER], "messages": [
+    {"role": "user", "content": "weather in Paris?"},
+    {"role": "assistant", "tool_calls": [{"id": "call00001", "type": "function",
+                                          "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call00001", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees."}]}
+
+
+@dataclass(frozen=True)
+class ToolFamily:
+    specials: tuple[str, ...]
+    bos: str | None
+    eos: str
+    pad: str | None
+    add_bos: bool
+    golden: str  # decoded ids of TOOL_ROW
+    trained: tuple[str, ...]  # the text of each trained run (the call turn, the answer), end-of-turn included
+    added: tuple[str, ...] = ()
+
+
+LLAMA31_TOOLS = json.dumps(WEATHER, indent=4)
+TOOL_FAMILIES = {
+    "qwen2_5_tools": ToolFamily(
+        CHATML_SPECIALS, None, "<|im_end|>", "<|endoftext|>", False,
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\n"
+        "You may call one or more functions to assist with the user query.\n\nYou are provided with function "
+        f"signatures within <tools></tools> XML tags:\n<tools>\n{WEATHER_JSON}\n</tools>\n\nFor each function call, "
+        "return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+        '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nweather in Paris?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\nIt is 21 degrees.<|im_end|>\n",
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+         "It is 21 degrees.<|im_end|>"), added=("<tool_call>", "</tool_call>")),
+    "llama3_1_tools": ToolFamily(
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+         "<|eom_id|>", "<|python_tag|>"), "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", True,
+        "<|begin_of_text|>" + LLAMA_HEAD.format("system") + "Environment: ipython\nCutting Knowledge Date: December "
+        "2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>" + LLAMA_HEAD.format("user") + "Given the following functions, "
+        "please respond with a JSON for a function call with its proper arguments that best answers the given "
+        'prompt.\n\nRespond in the format {"name": function name, "parameters": dictionary of argument name and its '
+        f'value}}.Do not use variables.\n\n{LLAMA31_TOOLS}\n\nweather in Paris?<|eot_id|>'
+        + LLAMA_HEAD.format("assistant") + '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'
+        + LLAMA_HEAD.format("ipython") + '"{\\"temp\\": 21}"<|eot_id|>' + LLAMA_HEAD.format("assistant")
+        + "It is 21 degrees.<|eot_id|>",
+        ('{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 21 degrees.<|eot_id|>")),
+    "mistral_v3_tools": ToolFamily(
+        ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+         "[TOOL_RESULTS]", "[/TOOL_RESULTS]"), "<s>", "</s>", None, True,
+        f"<s>[AVAILABLE_TOOLS] [{WEATHER_JSON}][/AVAILABLE_TOOLS][INST] weather in Paris?[/INST]"
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call00001"}]</s>'
+        '[TOOL_RESULTS] {"content": {"temp": 21}, "call_id": "call00001"}[/TOOL_RESULTS] It is 21 degrees.</s>',
+        ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call00001"}]</s>',
+         " It is 21 degrees.</s>")),
+}
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tool_templates")
+    return {name: build_tokenizer(root / name, f.specials, f.bos, f.eos, f.pad, f.add_bos,
+                                  (TEMPLATES / f"{name}.jinja").read_text(), f.added)
+            for name, f in TOOL_FAMILIES.items()}
+
+
+def tool_conversation():
+    from tunesmith.data.formats import parse_messages
+    from tunesmith.data.types import Source
+
+    return parse_messages(json.loads(json.dumps(TOOL_ROW)), Source("tools.jsonl", 1))
+
+
+def decode(tok, token_ids) -> str:
+    return tok.decode(list(token_ids), skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("name", list(TOOL_FAMILIES))
+def test_tool_calls_render_golden_and_only_calls_and_text_train(tool_tokenizers, name):
+    tok, family = tool_tokenizers[name], TOOL_FAMILIES[name]
+    item = Renderer(tok).sft(tool_conversation())
+    assert decode(tok, item.input_ids) == family.golden
+    runs = trained_runs(item)
+    assert [decode(tok, r) for r in runs] == list(family.trained)
+    # token for token: each run is exactly the tokenization of its text (the call syntax included), and the tool
+    # definitions and the tool result are never trained
+    eot = tok.convert_tokens_to_ids(family.eos)
+    assert runs == [ids(tok, text.removesuffix(family.eos)) + [eot] for text in family.trained]
+    assert item.input_ids.count(tok.bos_token_id) <= 1 and (tok.bos_token_id is None
+                                                             or item.input_ids[0] == tok.bos_token_id)
+
+
+@pytest.mark.parametrize("name", list(TOOL_FAMILIES))
+def test_a_tool_conversation_prompt_carries_the_tools_to_generation(tool_tokenizers, name):
+    """The eval prompt of the call turn (and of the answer after the result) is what training saw before it."""
+    from tunesmith.data.formats import prompt_messages
+
+    tok = tool_tokenizers[name]
+    conv = tool_conversation()
+    item = Renderer(tok).sft(conv)
+    answer_start = [i for i, x in enumerate(item.labels) if x != IGNORE and item.labels[i - 1] == IGNORE][1]
+    prompt = Renderer(tok).prompt_ids(prompt_messages(conv))
+    assert list(item.input_ids[:answer_start]) == prompt
+    first_call = Renderer(tok).prompt_ids(conv.messages[:1])
+    assert "get_weather" in decode(tok, first_call)  # the tool definitions reach the first prompt too
+
+
+def test_a_template_without_tool_support_is_a_clear_error(tmp_path):
+    tok = build_tokenizer(tmp_path / "plain", CHATML_SPECIALS, None, "<|im_end|>", "<|endoftext|>", False,
+                          (TEMPLATES / "qwen2_5.jinja").read_text())  # the tool branches left out
+    with pytest.raises(TunesmithError) as err:
+        Renderer(tok).sft(tool_conversation())
+    assert "does not render tool definitions: 'get_weather'" in err.value.message and "Qwen2.5" in err.value.hint
+    # a template that shows the definitions but drops the calls
+    shows_tools = ("{% for t in tools %}{{ t.function.name }}\n{% endfor %}" + (TEMPLATES / "qwen2_5.jinja").read_text()
+                   .replace("(message.role == \"assistant\" and not message.tool_calls)", "message.role == \"assistant\""))
+    tok = build_tokenizer(tmp_path / "no_calls", CHATML_SPECIALS, None, "<|im_end|>", "<|endoftext|>", False,
+                          shows_tools)
+    with pytest.raises(TunesmithError, match=r"does not render the tool calls of messages\[1\]"):
+        Renderer(tok).sft(tool_conversation())

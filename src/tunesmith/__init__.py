@@ -17,14 +17,18 @@ from .api import (  # noqa: E402
     Plan,
     Run,
     RunConfig,
+    check_data,
     evaluate,
+    export_run,
     load_config,
     open_adapters,
     open_model,
     parse_config,
     plan,
+    push,
     train,
 )
 
-__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "evaluate",
-           "load_config", "open_adapters", "open_model", "parse_config", "plan", "train"]
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "__version__", "check_data",
+           "evaluate", "export_run", "load_config", "open_adapters", "open_model", "parse_config", "plan", "push",
+           "train"]

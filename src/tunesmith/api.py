@@ -118,58 +118,112 @@ def _record_plan(run: Run, planned: Plan) -> None:
 class ChatModel:
     """A loaded model (optionally with adapters) that answers lists of messages."""
 
-    def __init__(self, model, tokenizer, device, precision: str, adapters=None):
+    def __init__(self, model, tokenizer, device, precision: str, adapters=None, system_prompt: str | None = None,
+                 adapter_system_prompts: dict[str, str | None] | None = None):
         from .model.generate import Generator
 
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
-        self.generator = Generator(model, tokenizer, device=device, precision=precision)
+        self.generator = Generator(model, tokenizer, device=device, precision=precision, system_prompt=system_prompt)
+        self._adapter_system_prompts = adapter_system_prompts or {}
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The system message put in front of prompts that have none (the one training used, for a run)."""
+        return self.generator.renderer.system_prompt or None
+
+    @system_prompt.setter
+    def system_prompt(self, text: str | None) -> None:
+        self.generator.renderer.system_prompt = text or None
 
     def generate(self, prompts: list[list[dict]], **kwargs: Any) -> list[str]:
         return self.generator.generate(prompts, **kwargs)
 
     def use(self, name: str | None) -> None:
-        """Switch to adapter `name` (None = the base model). Only for models opened with open_adapters."""
+        """Switch to adapter `name` (None = the base model), and to the system message that adapter's run
+        trained with. Only for models opened with open_adapters."""
         if self.adapters is None:
             raise ValueError("this model was not opened with adapters; use tunesmith.open_adapters")
         self.adapters.use(name)
+        self.system_prompt = self._adapter_system_prompts.get(name) if name else None
 
 
-def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "auto") -> ChatModel:
-    """A run folder (base + its adapter) or a model spec ("default", HF dir, .gguf, hub id)."""
+def check_data(data: str | list[str], model: str | None = None, **options: Any):
+    """`tunesmith data check`: load `data` leniently and report what is wrong or suspicious about it (a
+    `tunesmith.data.doctor.Report`; `.errors`, `.warnings`, `.write(path)` for the full JSON). With `model`,
+    token lengths (documents: windows) are measured with its tokenizer and chat template. `options` are those of
+    `tunesmith.data.doctor.check_data` (eval_spec, max_length, truncation, window_overlap, ...)."""
+    from .data.doctor import check_data as check
+    from .model.load import load_tokenizer
+
+    return check(data, load_tokenizer(model) if model else None, **options)
+
+
+def open_model(target: str | Path | None = None, device: str = "auto", precision: str = "auto",
+               system_prompt: str | None = None, allow_pickle_weights: bool = False) -> ChatModel:
+    """A run folder (base + its adapter) or a model spec ("default", HF dir, .gguf, hub id).
+
+    system_prompt: put in front of prompts that have no system message. None (default): for a run, the
+    system message every training example carried (run.json `system_prompt`), else none; "" sends none.
+    allow_pickle_weights: also load a model spec whose weights are pickle files (a run uses its config's)."""
     from .model.device import make_runtime
     from .model.load import load_model_and_tokenizer
-    from .model.runs import is_run_dir, load_run
+    from .model.runs import is_run_dir, load_run, run_system_prompt
 
     rt = make_runtime(device, precision)
     dtype = "fp32" if rt.precision == "fp32" else rt.precision
     if target is not None and is_run_dir(target):
-        model, tok, _ = load_run(target, device=rt.device, precision=rt.precision, dtype=dtype)
+        model, tok, info = load_run(target, device=rt.device, precision=rt.precision, dtype=dtype)
+        if system_prompt is None:
+            system_prompt = run_system_prompt(target, info)
     else:
         model, tok = load_model_and_tokenizer(str(target) if target else "default", device=rt.device,
-                                              precision=rt.precision, dtype=dtype)
-    return ChatModel(model, tok, rt.device, rt.precision)
+                                              precision=rt.precision, dtype=dtype,
+                                              allow_pickle_weights=allow_pickle_weights)
+    return ChatModel(model, tok, rt.device, rt.precision, system_prompt=system_prompt or None)
 
 
 def open_adapters(base: str | None, adapters: dict[str, str | Path], device: str = "auto",
                   precision: str = "auto") -> ChatModel:
-    """Load the base once and attach several adapters (run folders or adapter folders); switch with .use()."""
+    """Load the base once and attach several adapters (run folders or adapter folders); switch with .use(),
+    which also switches to the system message the adapter's run trained with (none for the base)."""
     from .model.device import make_runtime
     from .model.load import load_model_and_tokenizer
-    from .model.runs import is_run_dir, run_info
+    from .model.runs import base_load_options, is_run_dir, run_info, run_system_prompt
     from .model.swap import AdapterSet
 
     rt = make_runtime(device, precision)
     dirs = {n: Path(p) / "adapter" if is_run_dir(p) else Path(p) for n, p in adapters.items()}
+    systems = {n: run_system_prompt(p) for n, p in adapters.items() if is_run_dir(p)}
+    options: dict = {}
     if base is None:
-        runs = [run_info(p) for p in adapters.values() if is_run_dir(p)]
-        base = runs[0]["model"] if runs else "default"
+        runs = [p for p in adapters.values() if is_run_dir(p)]
+        base = run_info(runs[0])["model"] if runs else "default"
+        options = base_load_options(runs[0]) if runs else {}
     model, tok = load_model_and_tokenizer(base, device=rt.device, precision=rt.precision,
-                                          dtype="fp32" if rt.precision == "fp32" else rt.precision)
+                                          dtype="fp32" if rt.precision == "fp32" else rt.precision, **options)
     aset = AdapterSet(model)
     for name, d in dirs.items():
         aset.add(name, d)
-    return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset)
+    return ChatModel(aset.model, tok, rt.device, rt.precision, adapters=aset, adapter_system_prompts=systems)
 
 
-__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "evaluate", "load_config",
-           "open_adapters", "open_model", "parse_config", "plan", "train"]
+def export_run(run: str | Path, format: str, out: str | Path | None = None, dtype: str | None = None,
+               name: str | None = None):
+    """`tunesmith export RUN --format ...`: peft | merged | gguf | gguf-lora | ollama, each with a model card
+    (README.md) and, for GGUF, the serving-parity checks. Returns an ExportResult (path, checks, commands)."""
+    from .export.run import export_run as run_export
+
+    return run_export(run, format, out, dtype, name)
+
+
+def push(run: str | Path, repo_id: str, what: str = "adapter", private: bool = False, dry_run: bool = False,
+         dtype: str | None = None):
+    """`tunesmith push RUN REPO_ID`: export the run (adapter | merged | gguf) and upload it to the Hugging Face
+    Hub; dry_run lists what would be uploaded and sends nothing. Returns a PushResult."""
+    from .export.push import push_run
+
+    return push_run(run, repo_id, what=what, private=private, dry_run=dry_run, dtype=dtype)
+
+
+__all__ = ["ChatModel", "EvalConfig", "EvalResult", "Plan", "Run", "RunConfig", "check_data", "evaluate",
+           "export_run", "load_config", "open_adapters", "open_model", "parse_config", "plan", "push", "train"]

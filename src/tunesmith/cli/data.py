@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from rich.console import Console
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "preference_implicit",
-           "hh_rlhf", "kto", "prompt")
+           "hh_rlhf", "kto", "text", "prompt")
 
 
 def register(sub) -> None:
@@ -26,6 +26,8 @@ def register(sub) -> None:
     check.add_argument("--model", help="model whose tokenizer and chat template measure token lengths")
     check.add_argument("--eval", dest="eval_data", metavar="EVAL", help="held-out data to check for leakage")
     check.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    check.add_argument("--report", metavar="FILE", help="also write the full report (every row of every finding, "
+                                                         "every member of every duplicate group) as JSON to FILE")
     _render_options(check)
     check.set_defaults(handler=run_check)
 
@@ -47,6 +49,10 @@ def _render_options(p) -> None:
     p.add_argument("--system-prompt", help="system message for examples without one (data.system_prompt)")
     p.add_argument("--train-on", choices=["all_assistant", "last_assistant"], default="all_assistant",
                    help="which assistant turns are trained (data.train_on)")
+    p.add_argument("--window-overlap", type=int, default=0,
+                   help="documents: tokens a window repeats from the previous one as context (data.window_overlap)")
+    p.add_argument("--cross-document", action="store_true",
+                   help="documents: windows cut from one stream of all documents (data.cross_document)")
 
 
 def _usage(parser) -> int:
@@ -65,6 +71,8 @@ def _check_numbers(args) -> None:
         raise TunesmithError(f"--max-length must be at least 8, got {args.max_length}")
     if getattr(args, "n", 1) < 1:
         raise TunesmithError(f"-n must be at least 1, got {args.n}")
+    if not 0 <= args.window_overlap < args.max_length - 1:
+        raise TunesmithError(f"--window-overlap must be at least 0 and below --max-length - 1, got {args.window_overlap}")
 
 
 @contextmanager
@@ -87,12 +95,18 @@ def run_check(args, console: Console) -> int:
     with _warnings_to(console):
         tokenizer = load_tokenizer(args.model) if args.model else None
         report = check_data(_spec(args.data), tokenizer, args.max_length, args.eval_data, format=args.format,
-                            system_prompt=args.system_prompt, truncation=args.truncation, train_on=args.train_on)
+                            system_prompt=args.system_prompt, truncation=args.truncation, train_on=args.train_on,
+                            window_overlap=args.window_overlap, cross_document=args.cross_document)
+    if args.report:
+        report.write(args.report)
     if args.json:
         out = {**report.to_dict(), "error_count": len(report.errors), "warning_count": len(report.warnings)}
         sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     else:
-        report.render(Console(soft_wrap=True, highlight=False, emoji=False))
+        out = Console(soft_wrap=True, highlight=False, emoji=False)
+        report.render(out)
+        if args.report:
+            out.print(f"full report: {args.report}", markup=False)
     return 1 if report.errors else 0
 
 
@@ -107,7 +121,8 @@ def run_preview(args, console: Console) -> int:
     dataset = load_examples(_spec(args.data), args.format, skip_invalid=True)
     with _warnings_to(console):
         tokenizer = load_tokenizer(args.model)
-        renderer = Renderer(tokenizer, args.max_length, args.truncation, args.train_on, args.system_prompt)
+        renderer = Renderer(tokenizer, args.max_length, args.truncation, args.train_on, args.system_prompt,
+                            args.window_overlap, args.cross_document)
         for example in dataset.examples[: args.n]:
             _show_example(out, tokenizer, renderer, example, colour, args)
     if dataset.rejected:

@@ -23,12 +23,24 @@ def register(sub) -> None:
     e.add_argument("--name", help="model name for serving (default: the run's name)")
     e.set_defaults(handler=export)
 
+    p = sub.add_parser("push", help="export a run and upload it to the Hugging Face Hub (with its model card)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("repo_id", help="model repo to upload to, OWNER/NAME (created if missing)")
+    p.add_argument("--what", default="adapter", choices=["adapter", "merged", "gguf"],
+                   help="adapter (PEFT, default), merged checkpoint, or GGUF")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--dtype", help="merged: bf16|fp16|fp32 (default bf16); gguf: f16|bf16|q8_0|f32 (default f16)")
+    p.add_argument("--dry-run", action="store_true", help="export and list exactly what would be uploaded; send nothing")
+    p.set_defaults(handler=push)
+
 
 def merge(args, console: Console) -> int:
+    from ..export.card import write_model_card
     from ..model.merge import merge_run
 
     path, report = merge_run(args.run, args.out, dtype=args.dtype)
-    console.print(f"merged checkpoint written to {path}")
+    write_model_card(path, args.run, "merged")
+    console.print(f"merged checkpoint written to {path} (model card: README.md)")
     console.print(f"parity: max |logit difference| merged vs adapter = {report['max_abs_diff']:.3g} "
                   f"(tolerance {report['tol']:.3g}); after writing {report['written_dtype']}: "
                   f"{report['written_max_abs_diff']:.3g}, top-1 agreement {report['written_top1_agreement']:.1%}")
@@ -44,4 +56,18 @@ def export(args, console: Console) -> int:
         console.print(f"check {key}: {json.dumps(check, default=str)[:300]}")
     for cmd in result.commands:
         print(cmd)
+    return 0
+
+
+def push(args, console: Console) -> int:
+    from ..export.push import push_run
+
+    result = push_run(args.run, args.repo_id, what=args.what, private=args.private, dry_run=args.dry_run,
+                      dtype=args.dtype)
+    for line in result.lines():
+        print(line)
+    if result.uploaded:
+        console.print(f"[green]uploaded[/green]: {result.url}", highlight=False)
+    else:
+        console.print("dry run: nothing was uploaded", highlight=False)
     return 0

@@ -26,7 +26,7 @@ QUANTISED_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "dense", 
 
 def cross_check(cfg: RunConfig) -> list[Problem]:
     """Every problem that involves several fields, not just the first."""
-    p = run_problems(cfg) + adapter_problems(cfg.adapter)
+    p = run_problems(cfg) + adapter_problems(cfg.adapter) + document_problems(cfg)
     p += stages_problems(cfg) if cfg.stages else method_problems(cfg)
     return p
 
@@ -172,9 +172,30 @@ def kto_problems(method: str, micro_batch_size: object, at: str) -> list[Problem
     return []
 
 
+def document_problems(cfg: RunConfig) -> list[Problem]:
+    """Settings for documents (method: cpt) that cannot work, or that a single-stage run of another method
+    would ignore."""
+    p: list[Problem] = []
+    d = cfg.data
+    if d.window_overlap >= d.max_length - 1:
+        p.append(Problem("data.window_overlap", f"must be below data.max_length - 1 ({d.max_length - 1})",
+                         "a window must move on by at least one token; e.g. data.window_overlap: 64"))
+    if not cfg.stages and cfg.method != "cpt":
+        for key, is_set in (("window_overlap", d.window_overlap > 0), ("cross_document", d.cross_document)):
+            if is_set:
+                p.append(Problem(f"data.{key}", f"applies to documents (method: cpt), not to method {cfg.method}",
+                                 f"remove data.{key} or use method: cpt"))
+    return p
+
+
 def adapter_problems(a: AdapterConfig) -> list[Problem]:
     """Adapter settings that cannot work together."""
     p: list[Problem] = []
+    trains_embeddings = a.kind == "full" or any(n.split(".")[-1] in EMBEDDING_NAMES for n in a.modules_to_save)
+    if a.embedding_lr is not None and not trains_embeddings:
+        p.append(Problem("adapter.embedding_lr", "nothing trains the input embedding or output head",
+                         "add them to adapter.modules_to_save (e.g. [embed_tokens, lm_head]) or use adapter.kind: "
+                         "full; otherwise remove adapter.embedding_lr"))
     if a.kind == "full":
         lora_only = {"use_dora": a.use_dora, "use_rslora": a.use_rslora, "modules_to_save": a.modules_to_save,
                      "dropout": a.dropout > 0, "target": a.target != "all-linear",

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "grpo"]
+Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "cpt", "grpo"]
 AdapterKind = Literal["lora", "rslora", "dora", "qlora", "full"]
 
 
@@ -20,7 +20,7 @@ class DataConfig(Section):
     eval: str | list[str] | None = None
     eval_split: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference",
-                    "preference_implicit", "hh_rlhf", "kto", "prompt"] = "auto"
+                    "preference_implicit", "hh_rlhf", "kto", "text", "prompt"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     split: str | None = None  # hub datasets: which split
     max_length: int = Field(1024, ge=8)
@@ -29,6 +29,9 @@ class DataConfig(Section):
     system_prompt: str | None = None
     skip_invalid: bool = False
     max_examples: int | None = Field(None, ge=1)
+    # documents (method: cpt): tokens a window repeats from the one before as context (docs/data.md)
+    window_overlap: int = Field(0, ge=0)
+    cross_document: bool = False  # documents: one stream cut into windows, attention across documents
 
 
 class AdapterConfig(Section):
@@ -46,6 +49,8 @@ class AdapterConfig(Section):
     from_adapter: str | None = None  # start from an existing adapter dir (e.g. an SFT run)
     use_dora: bool = False  # DoRA magnitudes on top of lora/rslora/qlora (kind: dora is lora + this)
     use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) on top of lora/dora/qlora
+    # learning rate of a trained input embedding / output head (modules_to_save or full); None = train.lr
+    embedding_lr: float | None = Field(None, gt=0)
 
     @property
     def dora(self) -> bool:
@@ -112,6 +117,7 @@ _REFERENCE_KEYS = {"reference", "reference_cache"}
 # The method_args each method reads; setting any other one is an error (it would be silently ignored).
 METHOD_ARGS: dict[str, set[str]] = {
     "sft": set(),
+    "cpt": set(),
     "dpo": {"beta", "label_smoothing", "sft_weight", "dpop_lambda", "share_prompt"} | _REFERENCE_KEYS,
     "ipo": {"beta", "sft_weight", "share_prompt"} | _REFERENCE_KEYS,
     "orpo": {"orpo_lambda", "share_prompt"},
@@ -214,6 +220,7 @@ class RunConfig(Section):
     model: str = "default"
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # also load a base model whose weights are pickle (*.bin) files
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     threads: Literal["auto"] | int = "auto"  # CPU threads for torch: auto = measured once per machine

@@ -92,7 +92,34 @@ def near_duplicate_pairs(texts: Sequence[str], threshold: float = THRESHOLD,
                          keep: Callable[[int, int], bool] | None = None) -> list[tuple[int, int, float]]:
     """(i, j, jaccard) for text pairs whose shingle-set Jaccard similarity is at least `threshold`,
     optionally restricted to pairs `keep(i, j)` accepts. Sorted by (i, j)."""
-    sets = [shingles(t) for t in texts]
+    return similar_pairs([shingles(t) for t in texts], threshold, keep)
+
+
+COMMON_FRACTION = 0.9
+COMMON_MIN_ROWS = 20
+
+
+def drop_common(sets: Sequence[frozenset[int]], fraction: float = COMMON_FRACTION,
+                min_rows: int = COMMON_MIN_ROWS) -> list[frozenset[int]]:
+    """The shingle sets without the shingles that more than `fraction` of them contain: a template (a fixed
+    instruction, a licence header) that (almost) every row repeats says nothing about whether two rows are
+    near copies of each other, and a long one would make every row look like every other. The fraction is high
+    so that a real majority of near copies is still found. Fewer than `min_rows` sets are returned as they are
+    (too few to tell what is shared)."""
+    if len(sets) < min_rows:
+        return list(sets)
+    counts: dict[int, int] = {}
+    for s in sets:
+        for g in s:
+            counts[g] = counts.get(g, 0) + 1
+    common = frozenset(g for g, c in counts.items() if c > fraction * len(sets))
+    return [s - common for s in sets] if common else list(sets)
+
+
+def similar_pairs(sets: Sequence[frozenset[int]], threshold: float = THRESHOLD,
+                  keep: Callable[[int, int], bool] | None = None) -> list[tuple[int, int, float]]:
+    """(i, j, jaccard) for shingle-set pairs with Jaccard similarity at least `threshold` (MinHash LSH
+    candidates, each confirmed exactly), optionally restricted to pairs `keep(i, j)` accepts."""
     found = []
     for i, j in candidate_pairs(minhash_signatures(sets)):
         if keep is not None and not keep(i, j):

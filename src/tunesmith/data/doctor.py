@@ -18,12 +18,14 @@ import numpy as np
 from ..errors import Problem, TunesmithError
 from . import dedup
 from .formats import messages_text, prompt_messages, target_messages
-from .load import RowProblem, parse_rows
+from .load import RowProblem, no_rows_problem, parse_rows
 from .sources import read_rows
-from .types import Conversation, Example, Preference, Prompt, Unpaired
+from .tools import TOOL_CODES
+from .types import Conversation, Document, Example, Preference, Prompt, Unpaired
 
 Level = Literal["error", "warning", "info"]
-ROWS_KEPT = 200  # rows stored per finding (the count is always exact)
+ROWS_KEPT = 200  # rows in `--json` output per finding (the count is always exact; --report keeps them all)
+GROUP_SHOWN = 5  # members of a duplicate group shown in its row
 
 PROBLEM_TITLES = {
     "unreadable": "rows that cannot be read", "empty": "empty or whitespace-only fields",
@@ -32,6 +34,7 @@ PROBLEM_TITLES = {
     "identical": "chosen identical to rejected", "label": "labels that are not booleans",
     "no_prefix": "preference pairs without a shared prompt", "hh_text": "malformed hh-rlhf text",
     "unknown_format": "rows of no known format", "mixed_format": "rows in a different format",
+    **TOOL_CODES,
 }
 
 
@@ -43,6 +46,7 @@ class Finding:
     rows: list[str] = field(default_factory=list)
     count: int = 0
     hint: str | None = None
+    groups: list[list[str]] | None = None  # duplicate findings: every member of every group
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Report:
     eval_examples: int | None = None
     labels: dict[str, int] | None = None
     findings: list[Finding] = field(default_factory=list)
+    documents: dict[str, int] | None = None  # documents: windows, tokens and trained tokens at max_length
 
     @property
     def errors(self) -> list[Finding]:
@@ -82,11 +87,26 @@ class Report:
     def warnings(self) -> list[Finding]:
         return [f for f in self.findings if f.level == "warning"]
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, rows_kept: int | None = ROWS_KEPT) -> dict[str, Any]:
+        """The report as plain data: each finding's rows cut to `rows_kept` (None: all of them, with every
+        member of every duplicate group)."""
+        out = asdict(self)
+        if rows_kept is not None:
+            for f in out["findings"]:
+                f["rows"] = f["rows"][:rows_kept]
+                f.pop("groups")
+        return out
 
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+    def to_json(self, indent: int | None = 2, rows_kept: int | None = ROWS_KEPT) -> str:
+        return json.dumps(self.to_dict(rows_kept), indent=indent, ensure_ascii=False)
+
+    def write(self, path) -> None:
+        """The full report (every row of every finding) as JSON: `tunesmith data check --report FILE`."""
+        from pathlib import Path
+
+        out = {**self.to_dict(None), "error_count": len(self.errors), "warning_count": len(self.warnings)}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def render(self, console, rows_shown: int = 5) -> None:
         """Print the report to a rich Console: summary, length histogram, then errors and warnings."""
@@ -96,6 +116,10 @@ class Report:
                       f"({self.kind})  rows {self.rows}  examples {self.examples}  invalid {self.invalid}")
         if self.eval_examples is not None:
             console.print(f"[bold]eval[/bold] {escape(', '.join(self.eval_files))}  examples {self.eval_examples}")
+        if self.documents:
+            d = self.documents
+            console.print(f"documents {d['documents']} -> {d['windows']} windows of at most {self.max_length} tokens: "
+                          f"{d['tokens']} tokens, {d['trained_tokens']} trained")
         if self.lengths is not None and self.lengths.count:
             s = self.lengths
             console.print(f"tokens  p50 {s.p50}  p90 {s.p90}  p99 {s.p99}  max {s.max}  mean {s.mean:.1f}  "
@@ -121,15 +145,40 @@ class Report:
 
 def check_data(spec: str | list[str], tokenizer=None, max_length: int = 1024, eval_spec: str | list[str] | None = None,
                format: str = "auto", columns: dict[str, str] | None = None,
-               system_prompt: str | None = None, truncation: str = "right", train_on: str = "all_assistant") -> Report:
+               system_prompt: str | None = None, truncation: str = "right", train_on: str = "all_assistant",
+               window_overlap: int = 0, cross_document: bool = False) -> Report:
     """Load `spec` (and `eval_spec`) leniently and report what is wrong or suspicious about it."""
-    parsed = _parse(spec, format, columns)
+    parsed, files = _parse(spec, format, columns)
     examples = parsed.examples
     report = Report(sorted({str(ex.source.file) for ex in examples if ex.source}) or _spec_names(spec),
                     parsed.format, parsed.kind, parsed.rows, len(examples), len(parsed.problems), max_length)
-    report.findings += _invalid_findings(parsed.problems, parsed.mixed)
+    report.findings += _empty_findings(parsed, files) + _invalid_findings(parsed.problems, parsed.mixed)
+    if parsed.kind == "document":
+        from . import doctor_documents as docs
+
+        if tokenizer is not None and examples:
+            report.lengths, report.documents = docs.token_counts(examples, tokenizer, max_length, window_overlap,
+                                                                 cross_document)
+        report.findings += _duplicate_findings(examples) + docs.boilerplate_findings(examples)
+    else:
+        _check_examples(report, parsed, tokenizer, system_prompt, truncation, train_on)
+    if eval_spec is not None:
+        held, held_files = _parse(eval_spec, format, columns)
+        report.eval_files = _spec_names(eval_spec)
+        report.eval_examples = len(held.examples)
+        report.findings += [_retitle(f, "eval data: ") for f in _empty_findings(held, held_files)
+                            + _invalid_findings(held.problems, held.mixed)]
+        report.findings += _leakage_findings(examples, held.examples)
+    order = {"error": 0, "warning": 1, "info": 2}
+    report.findings.sort(key=lambda f: order[f.level])
+    return report
+
+
+def _check_examples(report: Report, parsed, tokenizer, system_prompt, truncation: str, train_on: str) -> None:
+    """The checks of conversations, preference pairs and KTO examples."""
+    examples = parsed.examples
     if tokenizer is not None and examples:
-        report.lengths, over = _lengths(examples, tokenizer, max_length, system_prompt, truncation, train_on)
+        report.lengths, over = _lengths(examples, tokenizer, report.max_length, system_prompt, truncation, train_on)
         report.findings += over
     report.findings += _duplicate_findings(examples)
     if parsed.kind == "sft":
@@ -137,21 +186,22 @@ def check_data(spec: str | list[str], tokenizer=None, max_length: int = 1024, ev
     report.findings += _role_order_findings(examples)
     labels, balance = _balance_findings(examples, parsed.kind)
     report.labels, report.findings = labels, report.findings + balance
-    if eval_spec is not None:
-        held = _parse(eval_spec, format, columns)
-        report.eval_files = _spec_names(eval_spec)
-        report.eval_examples = len(held.examples)
-        report.findings += [_retitle(f, "eval data: ") for f in _invalid_findings(held.problems, held.mixed)]
-        report.findings += _leakage_findings(examples, held.examples)
-    order = {"error": 0, "warning": 1, "info": 2}
-    report.findings.sort(key=lambda f: order[f.level])
-    return report
 
 
 def _parse(spec, format, columns):
+    from .load import _files
+
     problems: list[Problem] = []
     rows = list(read_rows(spec, columns, problems=problems))
-    return parse_rows(rows, format, problems)
+    return parse_rows(rows, format, problems), _files(spec, None)
+
+
+def _empty_findings(parsed, files: list[str]) -> list[Finding]:
+    """No rows at all is an error, as it is for training (`load.normalise`)."""
+    if parsed.rows or parsed.problems:
+        return []
+    problem = no_rows_problem(files)
+    return [_finding("error", "no_rows", f"{problem.where}: {problem.what}", [], problem.hint, count=0)]
 
 
 def _spec_names(spec) -> list[str]:
@@ -164,8 +214,14 @@ def _retitle(finding: Finding, prefix: str) -> Finding:
 
 
 def _finding(level: Level, code: str, message: str, rows: list[str], hint: str | None = None,
-             count: int | None = None) -> Finding:
-    return Finding(level, code, message, rows[:ROWS_KEPT], len(rows) if count is None else count, hint)
+             count: int | None = None, groups: list[list[str]] | None = None) -> Finding:
+    return Finding(level, code, message, rows, len(rows) if count is None else count, hint, groups)
+
+
+def _group_row(members: list[str], sep: str) -> str:
+    """One duplicate group as a row: its first members, then how many more (all of them are in `groups`)."""
+    shown = sep.join(members[:GROUP_SHOWN])
+    return shown + (f"{sep}... and {len(members) - GROUP_SHOWN} more" if len(members) > GROUP_SHOWN else "")
 
 
 def _where(example: Example) -> str:
@@ -189,7 +245,7 @@ def _invalid_findings(problems: list[RowProblem], mixed: Problem | None) -> list
 
 def _lengths(examples: Sequence[Example], tokenizer, max_length: int, system_prompt: str | None,
              truncation: str = "right", train_on: str = "all_assistant") -> tuple[LengthStats, list[Finding]]:
-    from .render import IGNORE, Renderer  # lazy: pulls in the tokenizer stack
+    from .render import Renderer  # lazy: pulls in the tokenizer stack
 
     renderer = Renderer(tokenizer, max_length=10**9, train_on=train_on, system_prompt=system_prompt)
     lengths, over, lost = [], [], []
@@ -207,9 +263,9 @@ def _lengths(examples: Sequence[Example], tokenizer, max_length: int, system_pro
         lengths.append(length)
         if length > max_length:
             over.append(f"{_where(ex)}: {length} tokens")
-            kept = (lambda t: t.labels[:max_length]) if truncation == "right" else (lambda t: t.labels[-max_length:])
-            if truncation != "drop" and any(all(x == IGNORE for x in kept(t)) for t in sides):
-                lost.append(f"{_where(ex)}: no trained token within the {truncation}-truncated {max_length}")
+            if truncation != "drop" and not _survives(sides, max_length, truncation):
+                lost.append(f"{_where(ex)}: no trained token within the {truncation}-truncated {max_length}"
+                            + (" (or no room for the prompt both sides share)" if len(sides) == 2 else ""))
     findings = [_finding("error", "template", f"{len(rows)} example(s) cannot be rendered: {message}", rows, hint)
                 for (message, hint), rows in failed.items()]
     fate = {"right": "lose their end", "left": "lose their beginning", "drop": "be dropped"}[truncation]
@@ -222,6 +278,16 @@ def _lengths(examples: Sequence[Example], tokenizer, max_length: int, system_pro
                                  f"after truncation and will be dropped", lost,
                                  "shorten their prompts, raise data.max_length or change data.truncation"))
     return length_stats(lengths, max_length), findings
+
+
+def _survives(sides: list, max_length: int, truncation: str) -> bool:
+    """Whether training keeps the example, cut exactly as the renderer cuts it (`render.fit`, `fit_pair`)."""
+    from .render import fit, fit_pair
+
+    seqs = [(list(t.input_ids), list(t.labels)) for t in sides]
+    if len(seqs) == 2:
+        return fit_pair(seqs[0], seqs[1], max_length, truncation) is not None
+    return fit(*seqs[0], max_length, truncation) is not None
 
 
 def _render(renderer, example: Example) -> list:
@@ -258,11 +324,19 @@ def length_stats(lengths: Sequence[int], max_length: int, bins: int = 10) -> Len
                        int((values > max_length).sum()), histogram)
 
 
-def example_text(example: Example) -> str:
-    """Everything that makes an example what it is, for exact and near duplicate checks."""
-    parts = [messages_text(prompt_messages(example)), messages_text(target_messages(example))]
+def example_text(example: Example, system: bool = True) -> str:
+    """Everything that makes an example what it is, for exact (`system`) and near duplicate checks. Near
+    duplicates compare what differs between rows: the user, assistant and tool turns, not the system message
+    (often one long text every row shares)."""
+    if isinstance(example, Document):
+        return example.text
+
+    def text(messages) -> str:
+        return messages_text(m for m in messages if system or m.role != "system")
+
+    parts = [text(prompt_messages(example)), text(target_messages(example))]
     if isinstance(example, Preference):
-        parts.append(messages_text(example.rejected))
+        parts.append(text(example.rejected))
     if isinstance(example, Unpaired):
         parts.append(f"label: {example.label}")
     return "\n".join(parts)
@@ -272,22 +346,23 @@ def _duplicate_findings(examples: Sequence[Example]) -> list[Finding]:
     groups: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
         groups.setdefault(dedup.normalise_text(example_text(ex)), []).append(i)
-    exact = [g for g in groups.values() if len(g) > 1]
+    exact = [[_where(examples[i]) for i in g] for g in groups.values() if len(g) > 1]
+    what = "document" if examples and isinstance(examples[0], Document) else "row"
     findings = []
     if exact:
-        rows = [" = ".join(_where(examples[i]) for i in g) for g in exact]
         extra = sum(len(g) - 1 for g in exact)
         findings.append(_finding("warning", "exact_duplicates", f"{len(exact)} group(s) of exact duplicates "
-                                 f"({extra} redundant row(s))", rows, "remove the repeats; they overweight "
-                                 "those examples and can leak into an eval split"))
+                                 f"({extra} redundant {what}(s))", [_group_row(g, " = ") for g in exact],
+                                 "remove the repeats; they overweight those examples and can leak into an eval "
+                                 "split", groups=exact))
     firsts = [g[0] for g in groups.values()]
-    pairs = dedup.near_duplicate_pairs([example_text(examples[i]) for i in firsts])
-    near = [[firsts[i] for i in c] for c in dedup.clusters(pairs)]
+    sets = dedup.drop_common([dedup.shingles(example_text(examples[i], system=False)) for i in firsts])
+    near = [[_where(examples[firsts[i]]) for i in c] for c in dedup.clusters(dedup.similar_pairs(sets))]
     if near:
-        rows = [" ~ ".join(_where(examples[i]) for i in c) for c in near]
         findings.append(_finding("warning", "near_duplicates", f"{len(near)} group(s) of near duplicates "
-                                 f"(word 3-gram Jaccard >= {dedup.THRESHOLD})", rows,
-                                 "review them; keep one of each group unless the differences matter"))
+                                 f"(word 3-gram Jaccard >= {dedup.THRESHOLD}, text most {what}s share left out)",
+                                 [_group_row(g, " ~ ") for g in near],
+                                 "review them; keep one of each group unless the differences matter", groups=near))
     return findings
 
 
@@ -379,6 +454,10 @@ def _kto_balance(examples: list[Unpaired]) -> tuple[dict[str, int], list[Finding
 
 
 def _leakage_findings(train: Sequence[Example], held: Sequence[Example]) -> list[Finding]:
+    if any(isinstance(ex, Document) for ex in [*train, *held]):
+        from .doctor_documents import leakage_findings
+
+        return leakage_findings(train, held)
     train_keys: dict[str, int] = {}
     for i, ex in enumerate(train):
         if prompt_messages(ex):

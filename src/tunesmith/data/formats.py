@@ -10,21 +10,23 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from ..errors import Problem
-from .types import Conversation, Example, ExampleKind, Message, Preference, Prompt, Source, Unpaired
+from .tools import check_calls, parse_tool_calls, parse_tools
+from .types import Conversation, Document, Example, ExampleKind, Message, Preference, Prompt, Source, Unpaired
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "preference_implicit",
-           "hh_rlhf", "kto", "prompt")
+           "hh_rlhf", "kto", "text", "prompt")
 KIND_OF_FORMAT: dict[str, ExampleKind] = {
     "messages": "sft", "sharegpt": "sft", "alpaca": "sft", "prompt_completion": "sft",
     "preference": "preference", "preference_implicit": "preference", "hh_rlhf": "preference", "kto": "unpaired",
-    "prompt": "prompt",
+    "text": "document", "prompt": "prompt",
 }
 FORMAT_KEYS = ("messages | conversations (sharegpt) | instruction+output (alpaca) | prompt+completion | "
                "prompt+chosen+rejected | chosen+rejected (implicit or hh-rlhf text) | prompt+completion+label (kto) | "
-               "prompt alone (online training)")
+               "text (documents; or .txt/.md files) | prompt alone (online training)")
 PROMPT_KEYS = ("prompt", "messages")  # the columns a prompt row's prompt comes from; the others are its fields
 SHOWN_SOURCES = 5
 
@@ -64,6 +66,8 @@ def detect_row(row: dict) -> str | None:
         return "alpaca"
     if "prompt" in row:
         return "prompt"
+    if "text" in row:
+        return "text"
     return None
 
 
@@ -129,12 +133,36 @@ def _message(item: Any, field: str, role_key: str = "role", content_key: str = "
             raise RowError(f"{field}.{role_key}", f"unknown speaker {raw!r}",
                            f"use one of {', '.join(role_map)}", "role")
         role = role_map[raw.lower()]
-    if item.get(content_key) is None:
-        unsupported = "tool_calls" in item
-        raise RowError(f"{field}.{content_key}", "missing" + (" (tool calls are not supported)" if unsupported else ""),
-                       code="missing")
-    content = _text(item[content_key], f"{field}.{content_key}")
-    return Message(role, content, _weight(item, field))  # type: ignore[arg-type]
+    calls = parse_tool_calls(item["tool_calls"], f"{field}.tool_calls") if item.get("tool_calls") else ()
+    if calls and role != "assistant":
+        raise RowError(f"{field}.tool_calls", f"only assistant messages make tool calls, this one is '{role}'",
+                       code="tool_call")
+    if role == "tool":
+        return _tool_result(item, field, content_key)
+    if calls and not item.get(content_key):
+        content = ""  # a message that only calls tools
+    elif item.get(content_key) is None:
+        raise RowError(f"{field}.{content_key}", "missing", code="missing")
+    else:
+        content = _text(item[content_key], f"{field}.{content_key}")
+    return Message(role, content, _weight(item, field), tool_calls=calls)  # type: ignore[arg-type]
+
+
+def _tool_result(item: dict, field: str, content_key: str) -> Message:
+    """A tool message: its content (JSON values are kept as their JSON text), and the call it answers."""
+    content = item.get(content_key)
+    if content is None:
+        raise RowError(f"{field}.{content_key}", "missing", "a tool message holds the result of a call", "missing")
+    if not isinstance(content, str) and not (isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type", "text") == "text" for p in content)):
+        content = json.dumps(content, ensure_ascii=False)
+    elif not isinstance(content, str):
+        content = _text(content, f"{field}.{content_key}")
+    ids = {k: item.get(k) for k in ("tool_call_id", "name")}
+    for key, value in ids.items():
+        if value is not None and not isinstance(value, str):
+            raise RowError(f"{field}.{key}", f"must be a string, got {_type_name(value)}", code="type")
+    return Message("tool", content, tool_call_id=ids["tool_call_id"], name=ids["name"])
 
 
 def _messages(value: Any, field: str, **keys: Any) -> tuple[Message, ...]:
@@ -181,17 +209,32 @@ def _strip_prefix(prompt: tuple[Message, ...], reply: tuple[Message, ...]) -> tu
 
 
 def _key(message: Message) -> tuple[str, str]:
-    return message.role, message.content
+    return message.role, message.text
 
 
 def _untrained(messages: tuple[Message, ...]) -> tuple[Message, ...]:
-    return tuple(Message(m.role, m.content, False) if m.role == "assistant" else m for m in messages)
+    return tuple(replace(m, train=False) if m.role == "assistant" else m for m in messages)
+
+
+def _with_tools(row: dict, prompt: tuple[Message, ...], field: str,
+                replies: Iterable[tuple[str, tuple[Message, ...], int]] = ()) -> tuple[Message, ...]:
+    """Check every call and tool result against the row's tool definitions and put those on the first message.
+    `replies` are (field, messages, index of the first) that continue `prompt`, each checked after it."""
+    tools = parse_tools(row.get("tools"))
+    names = [f"{field}[{i}]" for i in range(len(prompt))]
+    sequences = [(prompt + reply, names + [f"{name}[{first + i}]" for i in range(len(reply))])
+                 for name, reply, first in replies] or [(prompt, names)]
+    for messages, where in sequences:
+        check_calls(messages, tools, where)
+    if not tools:
+        return prompt
+    return (replace(prompt[0], tools=tools),) + prompt[1:]
 
 
 def parse_messages(row: dict, src: Source) -> Conversation:
     messages = _messages(_require(row, "messages"), "messages")
     _check_dialogue(messages, "messages")
-    return Conversation(messages, src)
+    return Conversation(_with_tools(row, messages, "messages"), src)
 
 
 def parse_sharegpt(row: dict, src: Source) -> Conversation:
@@ -206,7 +249,7 @@ def parse_sharegpt(row: dict, src: Source) -> Conversation:
     if isinstance(system, str) and system.strip() and messages[0].role != "system":
         messages = (Message("system", system),) + messages
     _check_dialogue(messages, "conversations")
-    return Conversation(messages, src)
+    return Conversation(_with_tools(row, messages, "conversations"), src)
 
 
 def parse_alpaca(row: dict, src: Source) -> Conversation:
@@ -226,15 +269,17 @@ def parse_prompt_completion(row: dict, src: Source) -> Conversation:
     prompt = _turns(_require(row, "prompt"), "prompt", "user")
     completion = _strip_prefix(prompt, _turns(_require(row, "completion"), "completion", "assistant"))
     _check_reply(completion, "completion")
+    prompt = _with_tools(row, prompt, "prompt", [("completion", completion, 0)])
     return Conversation(_untrained(prompt) + completion, src)
 
 
 def _pair(prompt: tuple[Message, ...], chosen: tuple[Message, ...], rejected: tuple[Message, ...],
-          src: Source, offset: int = 0) -> Preference:
+          src: Source, offset: int = 0, row: dict | None = None, prompt_field: str = "prompt") -> Preference:
     _check_reply(chosen, "chosen", offset)
     _check_reply(rejected, "rejected", offset)
     if [_key(m) for m in chosen] == [_key(m) for m in rejected]:
         raise RowError("chosen", "identical to rejected", "a pair must differ; remove the row", "identical")
+    prompt = _with_tools(row or {}, prompt, prompt_field, [("chosen", chosen, offset), ("rejected", rejected, offset)])
     return Preference(prompt, chosen, rejected, src)
 
 
@@ -242,7 +287,7 @@ def parse_preference(row: dict, src: Source) -> Preference:
     prompt = _turns(_require(row, "prompt"), "prompt", "user")
     chosen = _strip_prefix(prompt, _turns(_require(row, "chosen"), "chosen", "assistant"))
     rejected = _strip_prefix(prompt, _turns(_require(row, "rejected"), "rejected", "assistant"))
-    return _pair(prompt, chosen, rejected, src)
+    return _pair(prompt, chosen, rejected, src, row=row)
 
 
 def _split_shared_prefix(chosen: tuple[Message, ...], rejected: tuple[Message, ...]) -> Preference:
@@ -264,7 +309,7 @@ def _split_shared_prefix(chosen: tuple[Message, ...], rejected: tuple[Message, .
 def parse_preference_implicit(row: dict, src: Source) -> Preference:
     pair = _split_shared_prefix(_messages(_require(row, "chosen"), "chosen"),
                                 _messages(_require(row, "rejected"), "rejected"))
-    return _pair(pair.prompt, pair.chosen, pair.rejected, src, len(pair.prompt))
+    return _pair(pair.prompt, pair.chosen, pair.rejected, src, len(pair.prompt), row, "chosen")
 
 
 def hh_messages(text: Any, field: str) -> tuple[Message, ...]:
@@ -305,6 +350,7 @@ def parse_kto(row: dict, src: Source) -> Unpaired:
         if src.file.lower().endswith((".csv", ".csv.gz")):
             hint = "CSV cells are text, so labels cannot be booleans; store KTO data as JSONL or Parquet"
         raise RowError("label", f"must be a boolean, got {_type_name(label)} {label!r}", hint, "label")
+    prompt = _with_tools(row, prompt, "prompt", [("completion", completion, 0)])
     return Unpaired(prompt, completion, label, src)
 
 
@@ -341,11 +387,22 @@ def parse_prompt(row: dict, src: Source) -> Prompt:
     return Prompt(_asks(messages[:start], "messages"), reference, fields, src)
 
 
+def parse_text(row: dict, src: Source) -> Document:
+    """A raw document (continued pre-training). The text is kept exactly as written."""
+    text = _require(row, "text")
+    if not isinstance(text, str):
+        raise RowError("text", f"expected a string, got {_type_name(text)}", code="type")
+    if not text.strip():
+        raise RowError("text", "is empty or whitespace only", "fill it in or remove the document", "empty")
+    return Document(text, src)
+
+
 PARSERS: dict[str, Callable[[dict, Source], Example]] = {
     "messages": parse_messages, "sharegpt": parse_sharegpt, "alpaca": parse_alpaca,
     "prompt_completion": parse_prompt_completion, "preference": parse_preference,
     "preference_implicit": parse_preference_implicit, "hh_rlhf": parse_hh_rlhf, "kto": parse_kto,
     "prompt": parse_prompt,
+    "text": parse_text,
 }
 
 
@@ -402,6 +459,8 @@ def prompt_messages(example: Example) -> tuple[Message, ...]:
     assistant turns."""
     if isinstance(example, Conversation):
         return example.messages[: _last_target_start(example.messages)]
+    if isinstance(example, Document):
+        return ()
     return example.prompt
 
 
@@ -413,6 +472,8 @@ def target_messages(example: Example) -> tuple[Message, ...]:
         return example.chosen
     if isinstance(example, Prompt):
         return (Message("assistant", example.reference),) if example.reference else ()
+    if isinstance(example, Document):
+        return ()
     return example.completion
 
 
@@ -424,4 +485,23 @@ def _last_target_start(messages: tuple[Message, ...]) -> int:
 
 
 def messages_text(messages: Iterable[Message]) -> str:
-    return "\n".join(f"{m.role}: {m.content}" for m in messages)
+    return "\n".join(f"{m.role}: {m.text}" for m in messages)
+
+
+def common_system_prompt(examples: Iterable[Example], default: str | None = None) -> str | None:
+    """The system message every example starts with, if they all share one; None otherwise (or when there
+    are no examples, or documents). `default` is what training adds to an example without one
+    (data.system_prompt). Serving defaults to it: the model only learned the task under that message."""
+    found: set[str] = set()
+    for example in examples:
+        if isinstance(example, Document):
+            return None
+        messages = example.messages if isinstance(example, Conversation) else example.prompt
+        first = messages[0] if messages else None
+        system = first.content if first is not None and first.role == "system" else default
+        if system is None:
+            return None
+        found.add(system)
+        if len(found) > 1:
+            return None
+    return found.pop() if found else None

@@ -25,7 +25,7 @@ from .formats import (
     prompt_messages,
 )
 from .sources import data_files, read_rows
-from .types import Dataset, Example, ExampleKind, Source
+from .types import Dataset, Document, Example, ExampleKind, Source
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def normalise(rows: Iterable[tuple[dict, Source]], format: str = "auto", skip_in
     parsed = parse_rows(rows, format, read_problems, kind)
     files = list(files)
     if parsed.rows == 0 and not parsed.problems:
-        raise DataError([Problem(", ".join(files) or "data", "no rows found", "the data file is empty")])
+        raise DataError([no_rows_problem(files)])
     if parsed.problems and not skip_invalid:
         shown = [p.problem() for p in parsed.problems if p.code != "mixed_format"]
         raise DataError(([parsed.mixed] if parsed.mixed else []) + shown)
@@ -98,6 +98,13 @@ def normalise(rows: Iterable[tuple[dict, Source]], format: str = "auto", skip_in
         raise DataError(first, title="no valid rows: every row was rejected")
     rejected = [(p.source, p.what) for p in parsed.problems]
     return Dataset(parsed.examples, parsed.format, parsed.kind, files, rejected)
+
+
+def no_rows_problem(files: Iterable[str]) -> Problem:
+    """What training and `data check` both say about data without a single row."""
+    return Problem(", ".join(files) or "data", "no rows found",
+                   "the data file is empty; give at least one example (one JSON object per line, a CSV row, a "
+                   "non-empty .txt/.md document)")
 
 
 def _wrong_format_problem(row: dict, src: Source, seen: str | None, chosen: str) -> RowProblem:
@@ -187,7 +194,9 @@ def split_eval(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, D
 
 
 def prompt_key(example: Example) -> str:
-    return " ".join(messages_text(prompt_messages(example)).casefold().split())
+    """What must not occur on both sides of an eval split: the prompt, or a document's whole text."""
+    text = example.text if isinstance(example, Document) else messages_text(prompt_messages(example))
+    return " ".join(text.casefold().split())
 
 
 def write_rejects(dataset: Dataset, path: str | Path) -> int:

@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .documents import window_items
 from .render import IGNORE, Renderer, Tokenized
-from .types import Conversation, Example, Preference
+from .types import Conversation, Document, Example, Preference
+
+WINDOWS_SHOWN = 3  # windows of a long document shown by `data preview`
 
 Span = tuple[str, bool]  # (text, trained)
 
@@ -52,8 +55,17 @@ class View:
 
 
 def example_views(renderer: Renderer, example: Example) -> tuple[list[View], bool]:
-    """Render `example` as training does. Returns its sequences and whether truncation cut any of them."""
+    """Render `example` as training does. Returns its sequences and whether truncation cut any of them. A
+    document shows its first windows (the rest are counted by `data check`); a window's first tokens that
+    repeat the previous window (data.window_overlap) are context, not trained."""
     truncated_before = renderer.stats.truncated
+    if isinstance(example, Document):
+        windows = renderer.document(example)
+        if renderer.cross_document and windows:  # its own stream; in training the windows run on into the next
+            windows = window_items(windows[0].input_ids, renderer.max_length, renderer.window_overlap,
+                                   example.source)
+        views = [View(f"window {k + 1}/{len(windows)}", w) for k, w in enumerate(windows[:WINDOWS_SHOWN])]
+        return views, False
     if isinstance(example, Conversation):
         views = [View("", renderer.sft(example))]
     elif isinstance(example, Preference):

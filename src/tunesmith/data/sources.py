@@ -22,9 +22,9 @@ from .types import Source
 
 Row = dict[str, Any]
 
-KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 CANONICAL_COLUMNS = ("messages", "conversations", "system", "instruction", "input", "output", "prompt",
-                     "completion", "chosen", "rejected", "label", "reference")
+                     "completion", "chosen", "rejected", "label", "reference", "tools", "text")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 
 csv.field_size_limit(2**31 - 1)
@@ -52,15 +52,19 @@ def read_rows(spec: str | Iterable[str], columns: dict[str, str] | None = None, 
 
 
 def data_files(spec: str) -> list[Path] | None:
-    """The local files `spec` names (a file, or every data file under a folder), or None for a hub id."""
+    """The local files `spec` names (a file, or every data file under a folder), or None for a hub id.
+    A folder with structured data files (.jsonl/.json/.csv/.parquet) is read for those, and its .txt/.md files
+    (READMEs, notes) are ignored like other file types; a folder of .txt/.md files only is a folder of
+    documents, one per file."""
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted((p for p in path.rglob("*") if p.is_file() and _kind(p) and not _hidden(p, path)),
                        key=lambda p: p.relative_to(path).as_posix())
+        structured = [p for p in files if _kind(p) != "text"]
         if not files:
             raise TunesmithError(f"folder {spec} holds no data files",
                                  f"supported: {', '.join(KINDS)} (optionally .gz compressed)")
-        return files
+        return structured or files
     if path.is_file():
         if _kind(path) is None:
             raise TunesmithError(f"{spec}: unsupported file type",
@@ -94,7 +98,9 @@ def _hidden(path: Path, root: Path) -> bool:
 def _rows_of_file(path: Path, problems: list[Problem]) -> Iterator[tuple[Row, Source]]:
     kind = _kind(path)
     data = _read_bytes(path)
-    if kind == "parquet":
+    if kind == "text":
+        yield from _text_rows(data, str(path), problems)
+    elif kind == "parquet":
         yield from _parquet_rows(data, str(path))
     elif kind == "jsonl":
         yield from _jsonl_rows(data, str(path), problems)
@@ -147,6 +153,17 @@ def _parse_json_line(raw: bytes, src: Source, problems: list[Problem]) -> Row | 
                                 'each row must be an object such as {"messages": [...]}'))
         return None
     return value
+
+
+def _text_rows(data: bytes, file: str, problems: list[Problem]) -> Iterator[tuple[Row, Source]]:
+    """A .txt/.md file is one document: {"text": its whole content}, at line 1."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        problems.append(Problem(f"{file}:{line}", f"not valid UTF-8 text (byte {e.start})", "save the file as UTF-8"))
+        return
+    yield {"text": text}, Source(file, 1)
 
 
 def _json_rows(data: bytes, file: str, problems: list[Problem]) -> Iterator[tuple[Row, Source]]:

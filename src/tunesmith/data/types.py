@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -21,15 +22,56 @@ class Source:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One function call an assistant message makes (OpenAI shape: id, type function, name, JSON arguments)."""
+
+    name: str
+    arguments: dict[str, Any] = field(hash=False)
+    id: str | None = None
+
+    def as_dict(self) -> dict:
+        out: dict[str, Any] = {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return {"id": self.id, **out} if self.id is not None else out
+
+    @property
+    def text(self) -> str:
+        """The call in one canonical written form (Hermes / Qwen2.5 syntax), for comparing and showing calls."""
+        return "<tool_call>" + json.dumps({"name": self.name, "arguments": self.arguments}, ensure_ascii=False) \
+            + "</tool_call>"
+
+
+@dataclass(frozen=True)
 class Message:
     role: Role
     content: str
     # Which assistant turns are trained is decided at render time; this flag lets a format opt a
     # turn out (e.g. few-shot examples embedded in a conversation).
     train: bool = True
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant messages: the calls it makes (content may then be "")
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
+    name: str | None = None  # tool messages: the function that produced the result
+    # The tool definitions (JSON-schema functions) a conversation offers. Parsers put them on the conversation's
+    # first message, so that every prefix of a conversation (the context of each turn, an eval prompt, a few-shot
+    # prompt) carries them to the chat template without a separate argument.
+    tools: tuple[dict, ...] = field(default=(), hash=False)
 
     def as_dict(self) -> dict:
-        return {"role": self.role, "content": self.content}
+        """The message as chat templates read it. Keys a message does not use are left out: templates test
+        `'tool_calls' in message` or `message.tool_calls is defined`."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.as_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+    @property
+    def text(self) -> str:
+        """Content and calls as one text (what duplicate checks compare and eval references hold)."""
+        parts = [self.content] if self.content else []
+        return "\n".join(parts + [c.text for c in self.tool_calls])
 
 
 @dataclass(frozen=True)
@@ -38,6 +80,24 @@ class Conversation:
 
     messages: tuple[Message, ...]
     source: Source | None = None
+
+    @property
+    def tools(self) -> tuple[dict, ...]:
+        return conversation_tools(self.messages)
+
+
+def conversation_tools(messages) -> tuple[dict, ...]:
+    """The tool definitions the messages carry, in order, each function once (by name)."""
+    seen: dict[str, dict] = {}
+    for m in messages:
+        for tool in m.tools:
+            seen.setdefault(tool_name(tool), tool)
+    return tuple(seen.values())
+
+
+def tool_name(tool: dict) -> str:
+    """A (parsed) tool definition's function name: {"type": "function", "function": {"name": ...}}."""
+    return str(tool["function"]["name"])
 
 
 @dataclass(frozen=True)
@@ -72,9 +132,18 @@ class Prompt:
     source: Source | None = None
 
 
-Example = Union[Conversation, Preference, Unpaired, Prompt]
 
-ExampleKind = Literal["sft", "preference", "unpaired", "prompt"]
+@dataclass(frozen=True)
+class Document:
+    """Continued pre-training example: raw text, every token of which is trained."""
+
+    text: str
+    source: Source | None = None
+
+
+Example = Union[Conversation, Preference, Unpaired, Document, Prompt]
+
+ExampleKind = Literal["sft", "preference", "unpaired", "document", "prompt"]
 
 
 def kind_of(example: Example) -> ExampleKind:
@@ -84,6 +153,8 @@ def kind_of(example: Example) -> ExampleKind:
         return "preference"
     if isinstance(example, Prompt):
         return "prompt"
+    if isinstance(example, Document):
+        return "document"
     return "unpaired"
 
 

@@ -305,7 +305,7 @@ def shot_messages(example: Example) -> tuple[Message, ...]:
     """A training example as demonstration turns: its prompt without system messages, then its answer.
     The turns are marked untrained so a log-prob metric scores only the real answer."""
     turns = [m for m in prompt_messages(example) if m.role != "system"] + list(target_messages(example))
-    return tuple(Message(m.role, m.content, train=False) for m in turns)
+    return tuple(replace(m, train=False) for m in turns)
 
 
 def pick_shots(train: Sequence[Example], k: int, seed: int, exclude: Sequence[Sequence[Message]] = ()

@@ -5,7 +5,9 @@ answer's tokens with the same template and label mask as training."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,6 +135,13 @@ class Engine:
             out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 1))
 
+    def scoring_model(self, candidate: Candidate | None) -> tuple[torch.nn.Module, Any]:
+        """The model switched to the candidate's adapter (on the base it runs on) and its tokenizer, for
+        log-prob scoring outside this class (documents, eval/documents.py)."""
+        backend = self._backend(candidate)
+        backend.use(candidate)
+        return backend.adapters.model, backend.tokenizer
+
     @torch.no_grad()
     def nll(self, candidate: Candidate, prompts: Sequence[Sequence[Message]],
             targets: Sequence[Sequence[Message]]) -> list[float]:
@@ -143,7 +152,7 @@ class Engine:
         renderer = Renderer(backend.tokenizer, max_length=1 << 30, system_prompt=self.system_prompt)
         seqs = []
         for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
-            context = tuple(Message(m.role, m.content, train=False) for m in prompt)
+            context = tuple(replace(m, train=False) for m in prompt)
             item = renderer.sft(Conversation(context + tuple(target)))
             if item is None:
                 raise TunesmithError(f"eval example {i}: its reference answer renders to no tokens",

@@ -40,6 +40,8 @@ METRIC_SPECS = (
     "json_fields",
     "python:MODULE:FUNCTION",
     "loss",
+    "perplexity",
+    "tool_call",
 )
 
 @dataclass(frozen=True)
@@ -296,6 +298,11 @@ def parse_metric(spec: str, references: Iterable[str] | None = None, base_dir: P
     """Build a metric from its spec. `references` (all references of the eval data) give `choice` its
     default label set; relative file paths are resolved against `base_dir` (default: the working dir)."""
     kind, sep, arg = spec.strip().partition(":")
+    from .metrics_extra import parse_extra  # perplexity, tool_call
+
+    extra = parse_extra(kind, bool(sep))
+    if extra is not None:
+        return extra
     path = Path(arg) if base_dir is None or Path(arg).is_absolute() else Path(base_dir) / arg
     simple = {"exact": ExactMatch, "contains": Contains, "json": JsonValid}
     if kind == "python":

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from ..config import EvalConfig, parse_section
 from ..data.formats import messages_text, prompt_messages, target_messages
-from ..data.types import Dataset, Example, Message, Unpaired
+from ..data.types import Dataset, Document, Example, Message, Unpaired
 from ..errors import EXIT_VERDICT, TunesmithError
 from ..model.generate import shared_prefix_length
 from .answers import Answer, AnswerStore, answer_key
@@ -148,7 +148,8 @@ def evaluate(data: DataLike, config: EvalConfig | dict | str | Sequence[str] | N
     # Everything that can be wrong with the inputs fails here, before a model is loaded.
     base_spec = shared_base(cands, cfg.base)
     eval_set = subsample(load_set(data, cfg.data_format, columns, "eval data"), cfg.max_examples, cfg.sample_seed)
-    references = [reference_text(reference_messages(ex)) for ex in eval_set]
+    documents = isinstance(eval_set[0], Document)  # scored by perplexity: no references (eval/documents.py)
+    references = [] if documents else [reference_text(reference_messages(ex)) for ex in eval_set]
     metrics = [parse_metric(spec, references) for spec in cfg.metrics]
     _check_logprob_candidates(metrics, cands)
     reg_data = regression if regression is not None else cfg.regression
@@ -157,11 +158,12 @@ def evaluate(data: DataLike, config: EvalConfig | dict | str | Sequence[str] | N
         reg_set = subsample(load_set(reg_data, cfg.data_format, columns, "regression data"), cfg.max_examples,
                             cfg.sample_seed)
     train = None
-    if any(c.fewshot or c.rag or c.labels or c.knn for c in cands):
+    if any(c.fewshot or c.rag or c.labels or c.knn for c in cands) and not documents:
         train, where = _train_examples(train_data if train_data is not None else cfg.train_data, cands,
                                        cfg.data_format, columns)
         console.print(f"shots, labels and retrieval use {where} (few-shot seed {cfg.fewshot_seed})", highlight=False)
     _check_prompt_inputs(cands, train, cfg)
+    _check_documents(cands, cfg, judge, {"eval": eval_set, "regression": reg_set})
     ctx = _context(cfg, cands, base_spec, judge, train, console)
     ctx.limit = resolve_limit(cfg.max_new_tokens, references, ctx.tokenizer, console)
     console.print(f"evaluating {', '.join(c.name for c in cands)} on {len(eval_set)} examples "
@@ -257,6 +259,17 @@ def _check_prompt_inputs(cands: Sequence[Candidate], train: list[Example] | None
         read_passages(cfg.docs)  # type: ignore[arg-type]
 
 
+def _check_documents(cands: Sequence[Candidate], cfg: EvalConfig, judge: str | Judge | None,
+                     sets: dict[str, Sequence[Example] | None]) -> None:
+    """Data sets of documents take log-prob metrics of local candidates only (checked before loading a model)."""
+    from .documents import check_documents_eval
+
+    for name, examples in sets.items():
+        if examples and isinstance(examples[0], Document):
+            set_cands = cands if name == "eval" else regression_candidates(cands)
+            check_documents_eval(name, cfg.metrics, set_cands, judge if judge is not None else cfg.judge)
+
+
 def _device_names(engine: Engine | None) -> tuple[str, str]:
     if engine is None or engine.rt.device.type != "cuda":
         return ("cpu", "") if engine is None or engine.rt.device.type == "cpu" else (engine.rt.device.type, "")
@@ -302,6 +315,10 @@ def resolve_limit(setting: int | str, references: Sequence[str], tokenizer, cons
 
 def compare_on(name: str, ctx: _Context, dataset: Sequence[Example], cands: Sequence[Candidate],
                metric_specs: Sequence[str]) -> SetResult:
+    if isinstance(dataset[0], Document):
+        from .documents import compare_documents
+
+        return compare_documents(name, ctx.engine, dataset, cands, metric_specs, ctx.judge, ctx.console)
     prompts = [prompt_messages(ex) for ex in dataset]
     targets = [reference_messages(ex) for ex in dataset]
     references = [reference_text(t) for t in targets]
@@ -472,7 +489,7 @@ def reference_messages(example: Example) -> tuple[Message, ...]:
 
 
 def reference_text(target: Sequence[Message]) -> str:
-    return "\n".join(m.content for m in target)
+    return "\n".join(m.text for m in target)  # a tool call in its canonical syntax (Message.text)
 
 
 def regression_candidates(cands: Sequence[Candidate]) -> list[Candidate]:

@@ -163,10 +163,26 @@ def ollama_model_name(name: str) -> str:
     return clean[0] + (f":{clean[1]}" if clean[1] else "") if clean[0] else "tunesmith-model"
 
 
-def write_modelfile(gguf_path: str | Path, out_dir: str | Path, tokenizer: Any, name: str | None = None) -> OllamaModelfile:
-    """Write out_dir/Modelfile (FROM ./model.gguf, TEMPLATE, PARAMETER stop ...) and return how to create it.
+def system_line(system: str | None) -> list[str]:
+    """The Modelfile's SYSTEM line. Ollama puts it in front of a chat whose first message is not a system message
+    (server/routes.go: `if req.Messages[0].Role != "system" && m.System != ""`), so it replaces the chat
+    template's own default system turn."""
+    if not system:
+        return []
+    if '"""' in system:
+        raise TunesmithError('the system message contains \'"""\', which a Modelfile cannot quote',
+                             hint="write the Modelfile's SYSTEM line by hand")
+    return [f'SYSTEM """{system}"""']
+
+
+def write_modelfile(gguf_path: str | Path, out_dir: str | Path, tokenizer: Any, name: str | None = None,
+                    system: str | None = None) -> OllamaModelfile:
+    """Write out_dir/Modelfile (FROM ./model.gguf, TEMPLATE, SYSTEM, PARAMETER stop ...) and return how to
+    create it.
 
     tokenizer: the HF tokenizer (or its folder) whose chat template the model was trained with.
+    system: the system message the model was trained with (every training example carried it); Ollama then
+    sends it whenever a chat brings none of its own.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
@@ -179,7 +195,7 @@ def write_modelfile(gguf_path: str | Path, out_dir: str | Path, tokenizer: Any, 
     stops = stop_tokens(tokenizer, family)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# Written by tunesmith. Chat format: {family.name}.", f"FROM {_place_gguf(gguf_path, out_dir)}",
-             f'TEMPLATE """{template}"""'] + [f'PARAMETER stop "{_go_string(s)}"' for s in stops]
+             f'TEMPLATE """{template}"""', *system_line(system)] + [f'PARAMETER stop "{_go_string(s)}"' for s in stops]
     modelfile = out_dir / "Modelfile"
     modelfile.write_text("\n".join(lines) + "\n", encoding="utf-8")
     name = ollama_model_name(name or out_dir.name)

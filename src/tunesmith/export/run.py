@@ -4,13 +4,15 @@ serving will compute what training computed."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ProblemsError, TunesmithError
-from ..model.runs import run_info
+from ..model.runs import run_info, run_system_prompt
+from .card import write_model_card
 
 FORMATS = ("peft", "merged", "gguf", "gguf-lora", "ollama")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
@@ -49,7 +51,8 @@ def _peft(run_dir: Path, info: dict, out: Path, dtype, name: str) -> ExportResul
     problems = check_vllm_lora(out)
     if problems:
         raise ProblemsError(problems, title=f"adapter written to {out}, but vLLM cannot serve it")
-    write_vllm_readme(out, base, name)
+    write_model_card(out, run_dir, "adapter", name)
+    write_vllm_readme(out, base, name, system_prompt=run_system_prompt(run_dir, info))
     return ExportResult("peft", out, commands=[vllm_command(base, name, out, adapter_rank(out))])
 
 
@@ -57,6 +60,7 @@ def _merged(run_dir: Path, info: dict, out: Path, dtype, name: str) -> ExportRes
     from ..model.merge import merge_run
 
     path, report = merge_run(run_dir, out, dtype=dtype or "bf16")
+    write_model_card(path, run_dir, "merged", name)
     return ExportResult("merged", path, checks={"merge": report})
 
 
@@ -75,8 +79,12 @@ def _gguf(run_dir: Path, info: dict, out: Path, dtype, name: str) -> ExportResul
         checks = {"merge": merge_report, "tokenizer": check_tokenizer_parity(merged, gguf_path),
                   "logits": check_logits_parity(merged, gguf_path, dtype)}
     (out / "parity.json").write_text(json.dumps(checks, indent=2, default=str))
-    return ExportResult("gguf", gguf_path, checks=checks,
-                        commands=[f"llama-cli -m {gguf_path} -cnv", f"llama-server -m {gguf_path}"])
+    write_model_card(out, run_dir, "gguf", name)
+    system = run_system_prompt(run_dir, info)
+    chat = f"llama-cli -m {shlex.quote(str(gguf_path))} -cnv" + (f" -sys {shlex.quote(system)}" if system else "")
+    server = f"llama-server -m {shlex.quote(str(gguf_path))}" + (
+        "  # send the system message the model was trained with (see README.md)" if system else "")
+    return ExportResult("gguf", gguf_path, checks=checks, commands=[chat, server])
 
 
 def _gguf_lora(run_dir: Path, info: dict, out: Path, dtype, name: str) -> ExportResult:
@@ -89,6 +97,7 @@ def _gguf_lora(run_dir: Path, info: dict, out: Path, dtype, name: str) -> Export
     base = resolve(info["model"])
     out.mkdir(parents=True, exist_ok=True)
     path = export_gguf_lora(run_dir / "adapter", base, out / "adapter.gguf", dtype=dtype or "f32")
+    write_model_card(out, run_dir, "gguf-lora", name)
     return ExportResult("gguf-lora", path,
                         commands=[f"llama-cli -m BASE.gguf --lora {path} -cnv  # BASE.gguf: the base model as GGUF"])
 
@@ -96,10 +105,12 @@ def _gguf_lora(run_dir: Path, info: dict, out: Path, dtype, name: str) -> Export
 def _ollama(run_dir: Path, info: dict, out: Path, dtype, name: str) -> ExportResult:
     from transformers import AutoTokenizer
 
-    from .ollama import write_modelfile
+    from .ollama import ollama_model_name, write_modelfile
 
     gguf = _gguf(run_dir, info, out, dtype, name)
-    modelfile = write_modelfile(gguf.path, out, AutoTokenizer.from_pretrained(run_dir / "adapter"), name=name)
+    modelfile = write_modelfile(gguf.path, out, AutoTokenizer.from_pretrained(run_dir / "adapter"), name=name,
+                                system=run_system_prompt(run_dir, info))
+    write_model_card(out, run_dir, "ollama", ollama_model_name(name))
     return ExportResult("ollama", modelfile.modelfile, checks={**gguf.checks, "family": modelfile.family,
                                                                "stops": list(modelfile.stops)},
                         commands=[modelfile.command, f"ollama run {modelfile.command.split()[2]}"])
@@ -109,7 +120,9 @@ def _base_for_serving(info: dict) -> str:
     """What `vllm serve` should load as the base: a hub id as given, else the local folder tunesmith used."""
     spec = info.get("model") or "default"
     if spec == "default":
-        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+        from ..model.default import HUB_ID
+
+        return HUB_ID
     from ..model.load import resolve
 
     return str(resolve(spec))

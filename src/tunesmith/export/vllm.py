@@ -1,17 +1,23 @@
 """Serving a PEFT LoRA adapter with vLLM: check it against vLLM's LoRA rules, and write the command.
 
-The rules, from vLLM's adapter loader (vllm/lora/peft_helper.py, vllm/config/lora.py) and its model
-classes (recent releases):
+The rules are read from vLLM 0.33.0's source, not checked by running vLLM (it does not install on the
+CPU-only machines tunesmith's tests run on): its adapter config checks (vllm/lora/peft_helper.py,
+vllm/config/lora.py), its adapter loader (vllm/lora/lora_model.py, vllm/lora/utils.py) and its model
+classes (vllm/model_executor/models/llama.py, mistral.py, qwen2.py):
 
-- `--max-lora-rank` accepts only 1, 8, 16, 32, 64, 128, 256, 320 or 512, and must be >= the
-  adapter's rank; so an adapter's rank can be at most 512.
-- `use_dora` is rejected ("vLLM does not yet support DoRA"), any `modules_to_save` is rejected
-  ("vLLM only supports modules_to_save being None"), and `bias` must be "none".
-- vLLM scales every module by `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA) from the top-level
-  config: `rank_pattern` / `alpha_pattern` are not read, so an adapter using them is served wrongly.
-- Targets must be layers vLLM can wrap: for llama, mistral and qwen2 the linear projections
-  q/k/v/o_proj and gate/up/down_proj; llama and mistral also allow LoRA on embed_tokens and lm_head.
-- `trainable_token_indices` needs a vLLM new enough to have `--max-lora-trainable-tokens`.
+- `--max-lora-rank` accepts only 1, 8, 16, 32, 64, 128, 256, 320 or 512, and must be >= the largest
+  rank of the adapter (`r` and `rank_pattern`); so an adapter's rank can be at most 512.
+- Rejected: `use_dora` ("vLLM does not yet support DoRA"), `modules_to_save` (vLLM allows only the
+  `classifier` / `score` heads of classification models), `bias` other than "none", `lora_bias`, and
+  initialisations that change the base weights when PEFT loads the adapter (`init_lora_weights` PiSSA,
+  OLoRA, CorDA, LoftQ ...; gaussian, eva, orthogonal, mica and lora_ga are fine), aLoRA, layer
+  replication, BD-LoRA and QALoRA.
+- `rank_pattern` / `alpha_pattern` are honoured, with PEFT's matching rule.
+- Every tensor must be a LoRA matrix (`lora_A/B.weight`, `lora_embedding_A/B`); copies of the base
+  embedding (`*.embed_tokens.base_layer.weight`, `*.lm_head.base_layer.weight`) are skipped. Anything
+  else (trainable-token deltas, DoRA magnitudes, fully saved modules) fails to load.
+- Targets must be layers vLLM wraps: every linear projection (q/k/v/o_proj, gate/up/down_proj for
+  these models); embed_tokens and lm_head only for llama (Mistral and Qwen2 declare no embedding modules).
 """
 
 from __future__ import annotations
@@ -24,8 +30,14 @@ from tunesmith.errors import Problem, TunesmithError
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LINEAR_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
-EMBEDDING_TARGETS = {"llama": frozenset({"embed_tokens", "lm_head"}), "mistral": frozenset({"embed_tokens", "lm_head"}),
-                     "qwen2": frozenset()}
+EMBEDDING_TARGETS = {"llama": frozenset({"embed_tokens", "lm_head"}), "mistral": frozenset(), "qwen2": frozenset()}
+# init_lora_weights values vLLM accepts besides booleans (peft_helper.PEFTHelper._init_is_supported)
+SUPPORTED_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
+BASE_EMBEDDING_SUFFIXES = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
+# other PEFT features vLLM reads only to refuse them: config key -> what to say
+REFUSED_FEATURES = {"lora_bias": "LoRA bias (lora_bias)", "alora_invocation_tokens": "Activated LoRA (aLoRA)",
+                    "layer_replication": "layer_replication", "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+                    "use_qalora": "QALoRA"}
 _README_START, _README_END = "<!-- tunesmith:vllm -->", "<!-- /tunesmith:vllm -->"
 
 
@@ -40,7 +52,7 @@ def _base_model_type(config: dict, architecture: str | None) -> str | None:
 
 
 def _adapter_modules(weights: Path) -> tuple[dict[str, int], list[str]]:
-    """({target leaf name: largest rank seen}, [tensor keys that are not LoRA A/B or embedding matrices])."""
+    """({target leaf name: largest rank seen}, [tensor keys vLLM's loader cannot parse])."""
     from safetensors import safe_open
 
     ranks: dict[str, int] = {}
@@ -52,7 +64,8 @@ def _adapter_modules(weights: Path) -> tuple[dict[str, int], list[str]]:
                 if marker in key:
                     leaf = key.split(marker)[0].rsplit(".", 1)[-1]
                     ranks[leaf] = max(ranks.get(leaf, 0), shape[rank_dim])
-            if not any(m in key for m in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B")):
+            lora = any(m in key for m in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B"))
+            if not lora and not key.endswith(BASE_EMBEDDING_SUFFIXES):
                 others.append(key)
     return ranks, others
 
@@ -70,13 +83,17 @@ def _config_problems(config: dict, where: str) -> list[Problem]:
                                 "loads adapters without modules_to_save", "serve the merged model instead"))
     if config.get("bias", "none") != "none":
         problems.append(Problem(f"{where} bias", f"bias={config['bias']!r}; vLLM supports only bias='none'"))
-    for pattern in ("rank_pattern", "alpha_pattern"):
-        if config.get(pattern):
-            problems.append(Problem(f"{where} {pattern}", "vLLM ignores per-module rank/alpha and would scale "
-                                    "these modules wrongly", "train with one r and lora_alpha for all modules"))
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in SUPPORTED_INITS:
+        problems.append(Problem(f"{where} init_lora_weights", f"{init!r} changes the base weights when the adapter "
+                                "is loaded, which vLLM does not do", "save the adapter converted to plain LoRA "
+                                "(tunesmith does this for PiSSA/OLoRA runs) or serve the merged model"))
+    for key, what in REFUSED_FEATURES.items():
+        if config.get(key):
+            problems.append(Problem(f"{where} {key}", f"vLLM does not support {what}", "serve the merged model"))
     if config.get("trainable_token_indices"):
-        problems.append(Problem(f"{where} trainable_token_indices", "needs a vLLM with --max-lora-trainable-tokens",
-                                "check your vLLM version, or serve the merged model"))
+        problems.append(Problem(f"{where} trainable_token_indices", "vLLM cannot load trainable-token deltas",
+                                "serve the merged model instead"))
     return problems
 
 
@@ -100,8 +117,8 @@ def _target_problems(ranks: dict[str, int], others: list[str], model_type: str |
                 for leaf in sorted(ranks) if leaf not in allowed]
     if others:
         problems.append(Problem(f"{where} {others[0]}", f"{len(others)} tensor(s) are not LoRA matrices (e.g. DoRA "
-                                "magnitudes, fully saved embeddings or trained modules); vLLM rejects them",
-                                "save the adapter with save_embedding_layers=False, or serve the merged model"))
+                                "magnitudes, trainable-token deltas or trained modules); vLLM's loader rejects them",
+                                "serve the merged model instead"))
     return problems
 
 
@@ -153,8 +170,25 @@ def vllm_command(base: str, name: str, adapter_path: str | Path, rank: int) -> s
             f"--max-lora-rank {serving_rank(rank)}")
 
 
-def write_vllm_readme(adapter_dir: str | Path, base: str, name: str) -> Path:
-    """Add (or replace) a "Serve with vLLM" section in adapter_dir/README.md; raise if vLLM cannot serve it."""
+def _curl_example(name: str, system_prompt: str | None) -> list[str]:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": "Hello"}]
+    body = json.dumps({"model": name, "messages": messages}, ensure_ascii=False)
+    return ["```bash", "curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+            f"  -d {shlex.quote(body)}", "```"]
+
+
+def _system_note(system_prompt: str | None) -> list[str]:
+    if not system_prompt:
+        return []
+    return ["", "Every training example carried this system message, so the model learned the task under it. "
+            "vLLM adds no system message of its own: send it as the first message of every request, as below.",
+            "", "```text", system_prompt, "```"]
+
+
+def write_vllm_readme(adapter_dir: str | Path, base: str, name: str, system_prompt: str | None = None) -> Path:
+    """Add (or replace) a "Serve with vLLM" section in adapter_dir/README.md; raise if vLLM cannot serve it.
+    system_prompt: the system message the run trained with; the section says to send it and its example does."""
     adapter_dir = Path(adapter_dir)
     problems = check_vllm_lora(adapter_dir)
     if problems:
@@ -163,11 +197,9 @@ def write_vllm_readme(adapter_dir: str | Path, base: str, name: str) -> Path:
         raise ProblemsError(problems, title="vLLM cannot serve this adapter")
     command = vllm_command(base, name, adapter_dir, adapter_rank(adapter_dir))
     section = "\n".join([
-        _README_START, "## Serve with vLLM", "", "```bash", command, "```", "",
+        _README_START, "## Serve with vLLM", "", "```bash", command, "```", *_system_note(system_prompt), "",
         f"Then ask for the adapter by name (`\"model\": \"{name}\"`) on the OpenAI-compatible API:", "",
-        "```bash", "curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
-        f"  -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'", "```",
-        _README_END, ""])
+        *_curl_example(name, system_prompt), _README_END, ""])
     readme = adapter_dir / "README.md"
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
     if _README_START in text:

@@ -8,12 +8,14 @@ from collections.abc import Callable
 from ..config import MethodConfig
 from ..errors import TunesmithError
 from .base import Method, MethodBase, Split
+from .cpt import CPT
 from .grpo import GRPO
 from .preference import DPO, IPO, KTO, ORPO, SimPO
 from .sft import SFT
 
 METHODS: dict[str, Callable[[MethodConfig], Method]] = {
     "sft": lambda args: SFT(),
+    "cpt": lambda args: CPT(),
     "dpo": DPO,
     "ipo": IPO,
     "orpo": ORPO,
@@ -29,4 +31,4 @@ def get_method(name: str, args: MethodConfig | None = None) -> Method:
     return METHODS[name](args or MethodConfig())
 
 
-__all__ = ["METHODS", "Method", "MethodBase", "SFT", "Split", "get_method"]
+__all__ = ["CPT", "METHODS", "Method", "MethodBase", "SFT", "Split", "get_method"]

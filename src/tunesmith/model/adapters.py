@@ -280,20 +280,35 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
+def _embedding_weights(model: nn.Module) -> set[int]:
+    """ids of the weights of the input embedding and the output head, and of their trained copies
+    (modules_to_save); LoRA's own embedding matrices are not among them."""
+    from ..config.checks import EMBEDDING_NAMES
+
+    return {id(m.weight) for n, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.Linear)) and EMBEDDING_NAMES & set(n.split("."))}
+
+
 def optimizer_param_groups(model: nn.Module, cfg: AdapterConfig, lr: float,
                            weight_decay: float) -> list[dict]:
     """Param groups for torch optimisers. LoRA+ (cfg.lora_plus_ratio): LoRA B matrices learn at
-    ratio × lr. Groups carry a "name" key for logging; empty groups are dropped."""
+    ratio × lr. cfg.embedding_lr: a trained input embedding and output head (modules_to_save, or full
+    fine-tuning) learn at that rate. Groups carry a "name" key for logging; empty groups
+    are dropped."""
     ratio = cfg.lora_plus_ratio if cfg.kind != "full" else None
     groups: dict[str, dict] = {
         "decay": {"params": [], "lr": lr, "weight_decay": weight_decay},
         "no_decay": {"params": [], "lr": lr, "weight_decay": 0.0},
         "lora_B": {"params": [], "lr": lr * (ratio or 1.0), "weight_decay": weight_decay},
+        "embedding": {"params": [], "lr": cfg.embedding_lr or lr, "weight_decay": weight_decay},
     }
+    embeddings = _embedding_weights(model) if cfg.embedding_lr else set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if _no_decay(name, p):
+        if id(p) in embeddings:
+            groups["embedding"]["params"].append(p)
+        elif _no_decay(name, p):
             groups["no_decay"]["params"].append(p)
         elif ratio and _is_lora_b(name):
             groups["lora_B"]["params"].append(p)

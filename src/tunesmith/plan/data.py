@@ -13,7 +13,6 @@ from ..config import RunConfig
 from ..data.batching import pack_setting
 from ..data.load import load_data
 from ..data.plan import BatchPlan
-from ..errors import TunesmithError
 from .flops import SeqStats
 from .memory import BatchShape
 
@@ -40,13 +39,11 @@ class DataProfile:
 
 def render_items(cfg: RunConfig, tokenizer, method) -> tuple[list, list | None, dict]:
     """The train and eval items exactly as the recipe renders them (KTO's lone example left out too)."""
+    from ..train.recipe import check_data_kind
     from ..train.recipe import render_items as recipe_render
 
     train_ds, eval_ds = load_data(cfg.data, cfg.train.seed, method.example_kind)
-    if train_ds.kind != method.example_kind:
-        raise TunesmithError(f"method '{cfg.method}' trains on {method.example_kind} examples but the data in "
-                             f"{cfg.data.train} is {train_ds.kind} ({train_ds.format} format)",
-                             "give data of the kind the method trains on (see docs/data.md)")
+    check_data_kind(cfg, method, train_ds)
     return recipe_render(cfg, method, tokenizer, train_ds, eval_ds, Console(quiet=True))
 
 

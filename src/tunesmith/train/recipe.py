@@ -18,6 +18,7 @@ from rich.console import Console
 
 from ..config import RunConfig, dump_config, stage_config
 from ..data.batching import pack_setting
+from ..data.formats import common_system_prompt
 from ..data.load import load_data, write_rejects
 from ..data.plan import BatchPlan
 from ..data.render import Renderer
@@ -208,17 +209,22 @@ def setup_processes(cfg: RunConfig, rt: Runtime, console: Console) -> SingleProc
 
 def setup_data(cfg: RunConfig, method: Method, run: RunDir, console: Console) -> tuple[Dataset, Dataset | None]:
     train_ds, eval_ds = load_data(cfg.data, cfg.train.seed, method.example_kind)
+    check_data_kind(cfg, method, train_ds)
+    if train_ds.rejected:
+        write_rejects(train_ds, run.path / "rejects.jsonl")
+        console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
+    return train_ds, eval_ds
+
+
+def check_data_kind(cfg: RunConfig, method: Method, train_ds: Dataset) -> None:
+    """The training data are of the kind the method trains on (what training and the plan both check)."""
     if train_ds.kind != method.example_kind:
         raise TunesmithError(
             f"method '{cfg.method}' trains on {method.example_kind} examples but the data in {cfg.data.train} "
             f"is {train_ds.kind} ({train_ds.format} format)",
             hint="use preference data (prompt/chosen/rejected) for dpo/ipo/orpo/simpo, labelled "
-                 "prompt/completion/label rows for kto, conversations for sft, and any data with prompts for "
-                 "grpo")
-    if train_ds.rejected:
-        write_rejects(train_ds, run.path / "rejects.jsonl")
-        console.print(f"[yellow]skipped {len(train_ds.rejected)} invalid rows; see {run.path / 'rejects.jsonl'}")
-    return train_ds, eval_ds
+                 "prompt/completion/label rows for kto, conversations for sft, documents (a text column, "
+                 ".txt/.md files) for cpt, and any data with prompts for grpo")
 
 
 def setup_model(cfg: RunConfig, rt: Runtime, console: Console) -> tuple[torch.nn.Module, Any]:
@@ -228,6 +234,7 @@ def setup_model(cfg: RunConfig, rt: Runtime, console: Console) -> tuple[torch.nn
         quantize_nf4=cfg.adapter.kind == "qlora", double_quant=cfg.adapter.double_quant,
         quantize_embeddings=cfg.adapter.embeddings_in_4bit,
         trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+        allow_pickle_weights=cfg.allow_pickle_weights,
         quant_storage="bf16" if _sharded_qlora(cfg) else "uint8")
     if cfg.adapter.from_adapter:
         model = adapters.load_adapter(model, cfg.adapter.from_adapter, trainable=True)
@@ -252,7 +259,8 @@ def _sharded_qlora(cfg: RunConfig) -> bool:
 def render_items(cfg: RunConfig, method: Method, tokenizer: Any, train_ds: Dataset, eval_ds: Dataset | None,
                  console: Console) -> tuple[list, list | None, dict]:
     d = cfg.data
-    renderer = Renderer(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
+    renderer = Renderer(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt, d.window_overlap,
+                        d.cross_document)
     items = [x for x in (method.render(renderer, ex) for ex in train_ds.examples) if x is not None]
     stats = renderer.stats.as_dict()
     _report_render(console, stats, cfg)
@@ -333,6 +341,7 @@ def finish_stage(st: Stage, state: TrainState, console: Console, seconds: float)
         "data": {"train": cfg.data.train, "format": st.train_ds.format, "examples": len(st.train_ds.examples),
                  "sha256": data_hash(st.train_ds.files), "render": st.render_stats,
                  "eval_examples": len(st.eval_items or [])},
+        "system_prompt": common_system_prompt(st.train_ds.examples, cfg.data.system_prompt) or None,
         "trainable": adapters.trainable_summary(st.model), "state": state.as_dict(),
         "steps": st.trainer.total_steps, "wall_time_s": round(seconds, 2), "device": str(rt.device),
         "precision": rt.precision, "final": state.history[-1] if state.history else {}, "warnings": warnings,
@@ -370,6 +379,11 @@ def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 def _report_render(console: Console, stats: dict, cfg: RunConfig) -> None:
+    if "documents" in stats:
+        console.print(f"rendered {stats['documents']} documents into {stats['windows']} windows of at most "
+                      f"{cfg.data.max_length} tokens: {stats['tokens']} tokens, {stats['trained_tokens']} trained"
+                      + (f"; {stats['dropped']} dropped (no text tokens)" if stats["dropped"] else ""))
+        return
     msg = f"rendered {stats['rendered']} examples"
     if stats["truncated"]:
         msg += f"; {stats['truncated']} longer than max_length={cfg.data.max_length} were truncated " \
