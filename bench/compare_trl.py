@@ -14,7 +14,10 @@ Reported: median real tokens/s (tokens of the epoch / wall time of reference pas
 time, peak RSS of the child, losses, and MFU against the measured bf16 matmul peak (bench/mfu.py).
 
     python bench/compare_trl.py --method sft|dpo|orpo [--steps N] [--rounds R] [--batch B] [--max-length L]
+    python bench/compare_trl.py --method grpo [--steps N] [--batch PROMPTS] [--group-size G] [--max-new-tokens T]
     python bench/compare_trl.py --method sft --smoke     # 2 steps, 1 round, tiny batch: prints, writes nothing
+
+GRPO (online: generation plus training) has its own children and table: bench/grpo_bench.py.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import grpo_bench  # noqa: E402
 import mfu  # noqa: E402
 
 VARIANTS = ("tunesmith", "trl", "trl-fast")
 DEFAULTS = {"sft": {"batch": 8, "max_length": 128, "lr": 2e-4},
             "dpo": {"batch": 4, "max_length": 384, "lr": 5e-5},
-            "orpo": {"batch": 8, "max_length": 128, "lr": 5e-5}}
+            "orpo": {"batch": 8, "max_length": 128, "lr": 5e-5},
+            "grpo": {"batch": grpo_bench.DEFAULTS["batch"], "max_length": 256, "lr": grpo_bench.DEFAULTS["lr"]}}
 SETUP = {"tunesmith": "packed, shared prompts (pairs), head on trained tokens, bf16 base, fused norm/SwiGLU/attention",
          "trl": "TRL defaults: padded, grad checkpointing, fp32 base",
          "trl-fast": {"sft": "padding_free, no checkpointing, bf16 base",
@@ -260,7 +265,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=None, help="examples (pairs) per optimizer step")
     p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                   help="default: all (grpo: tunesmith, trl)")
+    p.add_argument("--group-size", type=int, default=grpo_bench.DEFAULTS["group_size"], help="grpo: answers per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=grpo_bench.DEFAULTS["max_new_tokens"],
+                   help="grpo: the answers' length limit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's own; "
                    "use 1 on a machine shared with other jobs)")
@@ -272,8 +281,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     d = DEFAULTS[args.method]
+    args.variants = args.variants or list(grpo_bench.VARIANTS if args.method == "grpo" else VARIANTS)
     if args.smoke:
         args.steps, args.rounds, args.batch = 2, 1, args.batch or 2
+        args.group_size, args.max_new_tokens = min(args.group_size, 4), min(args.max_new_tokens, 8)
         args.max_length = args.max_length or (192 if args.method == "dpo" else 96)
     args.batch = args.batch or d["batch"]
     args.max_length = args.max_length or d["max_length"]
@@ -288,10 +299,16 @@ def main(argv: list[str] | None = None) -> None:
             import torch
 
             torch.set_num_threads(spec["threads"])
-        if args.child == "tunesmith":
+        if spec["method"] == "grpo":
+            child = grpo_bench.child_tunesmith if args.child == "tunesmith" else grpo_bench.child_trl
+            common.emit(child(spec))
+        elif args.child == "tunesmith":
             common.emit(child_tunesmith(spec))
         else:
             common.emit(child_trl(spec, fast=args.child == "trl-fast"))
+        return
+    if args.method == "grpo":
+        grpo_bench.run(args, Path(__file__), INTRO)
         return
     import torch
     from transformers import AutoConfig
@@ -359,8 +376,8 @@ def report(args, data, rows, stats, flops, peak, precision) -> None:
     print(f"wrote {common.DOC}")
 
 
-INTRO = """`python bench/compare_trl.py --method sft|dpo|orpo` — see docs/performance.md for what each variant
-does and how the numbers are measured. tokens/s counts the real (non-pad) tokens of the epoch over the wall time
+INTRO = """`python bench/compare_trl.py --method sft|dpo|orpo|grpo` — see docs/performance.md for what each
+variant does and how the numbers are measured (GRPO: bench/grpo_bench.py's docstring). tokens/s counts the real (non-pad) tokens of the epoch over the wall time
 of the reference pass (DPO) plus every optimizer step; MFU uses the model FLOPs of bench/mfu.py against the
 bf16 matmul peak measured on the same machine. For DPO and ORPO every variant is credited with both whole
 sequences of each pair; tunesmith computes a pair's shared prompt once (the notes line gives how many tokens it

@@ -119,14 +119,14 @@ def test_run_report_charts_and_summary(tmp_path):
     charts = {ET.fromstring(s.split("</div>")[0]).get("aria-label"): ET.fromstring(s.split("</div>")[0])
               for s in svgs}
     ns = "{http://www.w3.org/2000/svg}"
-    assert set(charts) == {"Loss", "Reward margin (chosen − rejected)", "Reward accuracy", "KTO KL estimate z0",
-                           "Learning rate"}
+    assert set(charts) == {"Loss", "Reward margin (chosen − rejected)", "Reward accuracy",
+                           "KL estimate (KTO z0; GRPO: to the reference)", "Learning rate"}
     loss = charts["Loss"]
     line = loss.find(f"{ns}polyline")
     ys = [float(p.split(",")[1]) for p in line.get("points").split()]
     assert ys[0] == pytest.approx(PAD_T) and ys[-1] == pytest.approx(H - PAD_B)  # max at the top, min at the bottom
     assert loss.find(f"{ns}circle") is not None  # eval_loss: a single point
-    kl_points = charts["KTO KL estimate z0"].find(f"{ns}polyline").get("points").split()
+    kl_points = charts["KL estimate (KTO z0; GRPO: to the reference)"].find(f"{ns}polyline").get("points").split()
     assert len(kl_points) == 3  # the NaN step is left out
     md = md_path.read_text()
     assert "| loss | 1 | 0.25 | 0.25 | 1 |" in md and "| rewards/margins | 0.1 | 0.4 | 0.1 | 0.4 |" in md

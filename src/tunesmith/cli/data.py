@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from rich.console import Console
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "preference_implicit",
-           "hh_rlhf", "kto", "text")
+           "hh_rlhf", "kto", "text", "prompt")
 
 
 def register(sub) -> None:

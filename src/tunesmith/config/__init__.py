@@ -10,6 +10,7 @@ from .schema import (
     EvalConfig,
     Method,
     MethodConfig,
+    RewardConfig,
     RunConfig,
     Section,
     StageConfig,
@@ -18,5 +19,5 @@ from .schema import (
 )
 
 __all__ = ["METHOD_ARGS", "AdapterConfig", "AdapterKind", "DataConfig", "EvalConfig", "Method", "MethodConfig",
-           "RunConfig", "Section", "StageConfig", "TrainConfig", "apply_overrides", "dump_config", "load_config",
-           "parse_config", "parse_section", "stage_config", "validated"]
+           "RewardConfig", "RunConfig", "Section", "StageConfig", "TrainConfig", "apply_overrides", "dump_config",
+           "load_config", "parse_config", "parse_section", "stage_config", "validated"]

@@ -14,6 +14,7 @@ from .schema import (
     MethodConfig,
     RunConfig,
     TrainConfig,
+    stage_config,
     stage_method_args,
 )
 
@@ -63,6 +64,10 @@ def stages_problems(cfg: RunConfig) -> list[Problem]:
         own = {k for k, v in stage_method_args(st).items() if getattr(defaults, k, object()) != v}
         p += ignored_args(st.method, own, f"{at}.")
         p += kto_problems(st.method, st.train.get("micro_batch_size", cfg.train.micro_batch_size), f"{at}.")
+        try:
+            p += online_problems(stage_config(cfg, i), f"{at}.")
+        except ValidationError:
+            pass  # the stage's own sections are invalid: stage_section_problems reports them
     used = set().union(*(METHOD_ARGS[st.method] for st in cfg.stages))
     for key in sorted(changed_args(cfg.method_args) - used):
         p.append(Problem(f"method_args.{key}", f"no stage's method uses {key} "
@@ -96,7 +101,57 @@ def changed_args(args: MethodConfig) -> set[str]:
 
 def method_problems(cfg: RunConfig) -> list[Problem]:
     return (ignored_args(cfg.method, changed_args(cfg.method_args), "")
-            + kto_problems(cfg.method, cfg.train.micro_batch_size, ""))
+            + kto_problems(cfg.method, cfg.train.micro_batch_size, "") + online_problems(cfg, ""))
+
+
+# The syntax of each reward spec (methods/rewards.py builds them): kind -> (argument, example, required?)
+REWARD_SYNTAX = {"json_schema": ("FILE", "json_schema:schema.json", True), "regex": ("PATTERN", "regex:\\d+", True),
+                 "exact": (None, "exact", False), "choice": ("LABELS.json", "choice:labels.json", False),
+                 "f1": (None, "f1", False), "length": ("N", "length:200", True), "think": ("TAG", "think", False),
+                 "python": ("MODULE:FUNCTION", "python:my_rewards:score", True),
+                 "judge": ("URL#MODEL", "judge:http://localhost:8000/v1#grader", True)}
+
+
+def online_problems(cfg: RunConfig, at: str) -> list[Problem]:
+    """GRPO's settings: rewards that parse, groups that can be compared, room left for the answers."""
+    a = cfg.method_args
+    if cfg.method != "grpo":
+        if a.beta == 0:
+            return [Problem(f"{at}method_args.beta", f"beta 0 removes {cfg.method}'s objective",
+                            "use a positive beta, or leave it unset for the method's default")]
+        return []
+    p = [reward_problem(r.reward, f"{at}method_args.rewards[{i}]") for i, r in enumerate(a.rewards)]
+    p = [x for x in p if x is not None]
+    if not a.rewards:
+        p.append(Problem(f"{at}method_args.rewards", "grpo needs at least one reward function",
+                         "e.g. method_args.rewards: [json_schema:schema.json, exact] (docs/grpo.md lists them)"))
+    if a.group_size < 2:
+        p.append(Problem(f"{at}method_args.group_size", f"a group of {a.group_size} completion per prompt: GRPO "
+                         "scores each completion against the others of its group, so one alone always has "
+                         "advantage 0 and nothing is learned", "use 2 or more (8 is common)"))
+    if a.max_new_tokens >= cfg.data.max_length:
+        p.append(Problem(f"{at}method_args.max_new_tokens", f"{a.max_new_tokens} leaves no room for the prompt "
+                         f"within data.max_length {cfg.data.max_length}",
+                         "lower max_new_tokens or raise data.max_length (prompt + answer must fit)"))
+    return p
+
+
+def reward_problem(spec: str, where: str) -> Problem | None:
+    kind, sep, arg = spec.partition(":")
+    if kind not in REWARD_SYNTAX:
+        return Problem(where, f"unknown reward '{spec}'", f"rewards are {', '.join(REWARD_SYNTAX)}")
+    name, example, required = REWARD_SYNTAX[kind]
+    if name is None and sep:
+        return Problem(where, f"'{kind}' takes no argument", f"write {example}")
+    if required and not arg:
+        return Problem(where, f"'{kind}' needs {name}", f"e.g. {example}")
+    if kind == "length" and not arg.isdigit():
+        return Problem(where, f"length:{arg}: N must be a whole number of tokens", f"e.g. {example}")
+    if kind == "python" and ":" not in arg:
+        return Problem(where, f"python:{arg} names no function", f"e.g. {example}")
+    if kind == "judge" and ("#" not in arg or not arg.startswith(("http://", "https://"))):
+        return Problem(where, f"judge:{arg} is not URL#MODEL", f"e.g. {example}")
+    return None
 
 
 def ignored_args(method: str, keys: set[str], at: str) -> list[Problem]:

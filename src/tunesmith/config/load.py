@@ -138,6 +138,24 @@ def _resolve_relative_paths(raw: dict[str, Any], root: Path) -> None:
                         st["data"][key] = fix(st["data"][key])
     if isinstance(raw.get("model"), str) and (root / raw["model"]).exists():
         raw["model"] = str(root / raw["model"])
+    for section in [raw] + [st for st in raw.get("stages") or [] if isinstance(st, dict)]:
+        args = section.get("method_args")
+        if isinstance(args, dict) and isinstance(args.get("rewards"), list):
+            args["rewards"] = [_reward_paths(r, root) for r in args["rewards"]]
+
+
+def _reward_paths(reward: Any, root: Path) -> Any:
+    """A reward's file (json_schema:FILE, choice:LABELS, python:FILE.py:FUNCTION) relative to the config."""
+    spec = reward.get("reward") if isinstance(reward, dict) else reward
+    if not isinstance(spec, str):
+        return reward
+    kind, sep, arg = spec.partition(":")
+    path = arg.rpartition(":")[0] if kind == "python" else arg
+    if kind not in ("json_schema", "choice", "python") or not path or Path(path).is_absolute() \
+            or not (root / path).is_file():
+        return reward
+    fixed = f"{kind}:{root / arg}"
+    return {**reward, "reward": fixed} if isinstance(reward, dict) else fixed
 
 
 def _resolve_eval_files(ev: dict[str, Any], fix: Any) -> None:

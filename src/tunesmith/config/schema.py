@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "cpt"]
+Method = Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "cpt", "grpo"]
 AdapterKind = Literal["lora", "rslora", "dora", "qlora", "full"]
 Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
 
@@ -21,7 +21,7 @@ class DataConfig(Section):
     eval: str | list[str] | None = None
     eval_split: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference",
-                    "preference_implicit", "hh_rlhf", "kto", "text"] = "auto"
+                    "preference_implicit", "hh_rlhf", "kto", "text", "prompt"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     split: str | None = None  # hub datasets: which split
     max_length: int = Field(1024, ge=8)
@@ -69,8 +69,19 @@ class AdapterConfig(Section):
         return self.kind == "qlora" and self.quantize_embeddings is not False
 
 
+class RewardConfig(Section):
+    """One reward of an online method (methods/rewards.py lists the specs)."""
+
+    reward: str  # json_schema:FILE | regex:PATTERN | exact | choice[:LABELS] | f1 | length:N | think[:TAG] |
+    # python:MODULE:FUNCTION | judge:URL#MODEL
+    weight: float = 1.0
+    reference: str | None = None  # the data column reference-based rewards compare with (default: the answer)
+    name: str | None = None  # its name in the metrics (default: the spec's kind)
+
+
 class MethodConfig(Section):
-    beta: float | None = Field(None, gt=0)  # None: the method's own default (methods/preference.py)
+    # None: the method's own default (methods/preference.py, methods/grpo.py); 0 is only valid for grpo
+    beta: float | None = Field(None, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     orpo_lambda: float = Field(0.1, gt=0)
     simpo_gamma: float = Field(0.5, ge=0)
@@ -84,6 +95,23 @@ class MethodConfig(Section):
     reference_cache: bool = True
     # paired methods: compute the prompt that chosen and rejected share once (exact; off = two full sequences)
     share_prompt: bool = True
+    # grpo (docs/grpo.md): rewards, and G completions per prompt sampled with these settings
+    rewards: list[RewardConfig] = Field(default_factory=list)
+    group_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    epsilon: float = Field(0.2, gt=0, lt=1)  # the clip range [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = Field(None, gt=0)  # None: epsilon; larger: DAPO's clip-higher
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    iterations: int = Field(1, ge=1)  # optimizer steps on each sampled batch
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _reward_shorthand(cls, v: Any) -> Any:
+        return [{"reward": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
 
 _REFERENCE_KEYS = {"reference", "reference_cache"}
@@ -96,6 +124,8 @@ METHOD_ARGS: dict[str, set[str]] = {
     "orpo": {"orpo_lambda", "share_prompt"},
     "simpo": {"beta", "simpo_gamma", "label_smoothing", "sft_weight", "share_prompt"},
     "kto": {"beta", "kto_desirable_weight", "kto_undesirable_weight"} | _REFERENCE_KEYS,
+    "grpo": {"beta", "share_prompt", "rewards", "group_size", "max_new_tokens", "temperature", "top_p", "top_k", "loss_type",
+             "epsilon", "epsilon_high", "scale_rewards", "iterations"},
 }
 
 

@@ -103,17 +103,22 @@ class _Segment:
     branch: int  # 0: seen by the whole unit, k > 0: branch k
 
 
-def _units(seqs: Sequence[Tokenized], share: Sequence[tuple[int, int]]) -> list[list[_Segment]]:
+def _units(seqs: Sequence[Tokenized], share: Sequence[Sequence[int]]) -> list[list[_Segment]]:
     """Each unit is laid out contiguously in one row and forms one attention group: a lone sequence, or the
-    shared prompt of a pair followed by the rest of each sequence as its own branch."""
+    shared prompt of a group (a preference pair, a prompt's sampled completions) followed by the rest of each
+    sequence as its own branch."""
     paired: dict[int, list[_Segment]] = {}
-    for i, j in share:
-        if i == j or i in paired or j in paired:
+    for group in share:
+        members = list(dict.fromkeys(group))
+        if len(members) < 2 or any(i in paired for i in members):
             continue
-        k = shared_prefix(seqs[i], seqs[j])
+        first = members[0]
+        k = min(shared_prefix(seqs[first], seqs[j]) for j in members[1:])
         if k > 0:
-            unit = [_Segment(i, 0, k, 0), _Segment(i, k, len(seqs[i]), 1), _Segment(j, k, len(seqs[j]), 2)]
-            paired[i] = paired[j] = unit
+            unit = [_Segment(first, 0, k, 0)]
+            unit += [_Segment(j, k, len(seqs[j]), b) for b, j in enumerate(members, start=1)]
+            for j in members:
+                paired[j] = unit
     units, placed = [], set()
     for i in range(len(seqs)):
         unit = paired.get(i, [_Segment(i, 0, len(seqs[i]), 0)])
@@ -124,12 +129,13 @@ def _units(seqs: Sequence[Tokenized], share: Sequence[tuple[int, int]]) -> list[
 
 
 def collate(seqs: Sequence[Tokenized], pad_id: int, pack_length: int | None = None,
-            extra: dict | None = None, share: Sequence[tuple[int, int]] = ()) -> Batch:
+            extra: dict | None = None, share: Sequence[Sequence[int]] = ()) -> Batch:
     """Collate sequences (sequence i gets seq id i). With pack_length, units are packed first-fit decreasing
     into rows of at most pack_length tokens (PACK_TO_LONGEST: the longest unit's length); otherwise one unit
-    per row. `share` lists pairs of sequences (i, j) whose common untrained prefix (`shared_prefix`) is
-    computed once: both sequences then attend to that one copy, and each sequence's own tokens continue the
-    prefix's positions in a branch the other cannot see — the same math as two separate sequences."""
+    per row. `share` lists groups of sequences, e.g. pairs (i, j), whose common untrained prefix (the
+    shortest `shared_prefix` of the first with each other) is computed once: every sequence of the group then
+    attends to that one copy, and each sequence's own tokens continue the prefix's positions in a branch the
+    others cannot see — the same math as separate sequences."""
     units = _units(seqs, share)
     lengths = [sum(s.stop - s.start for s in u) for u in units]
     if pack_length == PACK_TO_LONGEST:

@@ -21,7 +21,7 @@ from .formats import messages_text, prompt_messages, target_messages
 from .load import RowProblem, no_rows_problem, parse_rows
 from .sources import read_rows
 from .tools import TOOL_CODES
-from .types import Conversation, Document, Example, Preference, Unpaired
+from .types import Conversation, Document, Example, Preference, Prompt, Unpaired
 
 Level = Literal["error", "warning", "info"]
 ROWS_KEPT = 200  # rows in `--json` output per finding (the count is always exact; --report keeps them all)
@@ -297,6 +297,11 @@ def _render(renderer, example: Example) -> list:
     if isinstance(example, Preference):
         pair = renderer.preference(example)
         return [pair.chosen, pair.rejected] if pair is not None else []
+    if isinstance(example, Prompt):  # online training: the prompt's length is what counts, all of it kept
+        from .render import Tokenized
+
+        ids = renderer.prompt(example).input_ids
+        return [Tokenized(ids, ids, example.source)]
     out = renderer.unpaired(example)
     return [out.completion] if out is not None else []
 
@@ -405,6 +410,8 @@ def _all_messages(example: Example):
         return example.messages
     if isinstance(example, Preference):
         return example.prompt + example.chosen
+    if isinstance(example, Prompt):
+        return example.prompt
     return example.prompt + example.completion
 
 

@@ -15,18 +15,19 @@ from typing import Any
 
 from ..errors import Problem
 from .tools import check_calls, parse_tool_calls, parse_tools
-from .types import Conversation, Document, Example, ExampleKind, Message, Preference, Source, Unpaired
+from .types import Conversation, Document, Example, ExampleKind, Message, Preference, Prompt, Source, Unpaired
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "preference_implicit",
-           "hh_rlhf", "kto", "text")
+           "hh_rlhf", "kto", "text", "prompt")
 KIND_OF_FORMAT: dict[str, ExampleKind] = {
     "messages": "sft", "sharegpt": "sft", "alpaca": "sft", "prompt_completion": "sft",
     "preference": "preference", "preference_implicit": "preference", "hh_rlhf": "preference", "kto": "unpaired",
-    "text": "document",
+    "text": "document", "prompt": "prompt",
 }
 FORMAT_KEYS = ("messages | conversations (sharegpt) | instruction+output (alpaca) | prompt+completion | "
                "prompt+chosen+rejected | chosen+rejected (implicit or hh-rlhf text) | prompt+completion+label (kto) | "
-               "text (documents; or .txt/.md files)")
+               "text (documents; or .txt/.md files) | prompt alone (online training)")
+PROMPT_KEYS = ("prompt", "messages")  # the columns a prompt row's prompt comes from; the others are its fields
 SHOWN_SOURCES = 5
 
 
@@ -63,6 +64,8 @@ def detect_row(row: dict) -> str | None:
         return "kto" if "label" in row else "prompt_completion"
     if "instruction" in row and "output" in row:
         return "alpaca"
+    if "prompt" in row:
+        return "prompt"
     if "text" in row:
         return "text"
     return None
@@ -351,6 +354,39 @@ def parse_kto(row: dict, src: Source) -> Unpaired:
     return Unpaired(prompt, completion, label, src)
 
 
+def _reference_column(row: dict) -> str | None:
+    value = row.get("reference")
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)  # a JSON object or list is compared as its JSON text
+
+
+def _asks(messages: tuple[Message, ...], field: str) -> tuple[Message, ...]:
+    """A prompt must end with the turn the model answers: a user (or tool) message."""
+    last = messages[-1]
+    if last.role not in ("user", "tool"):
+        raise RowError(f"{field}[{len(messages) - 1}].role", f"the prompt's last turn is '{last.role}', not the user's",
+                       "a prompt ends with the user message the model answers", "last_not_user")
+    return messages
+
+
+def parse_prompt(row: dict, src: Source) -> Prompt:
+    """A prompt alone (`prompt`: text or messages; or `messages` ending in a user turn) with an optional
+    `reference` answer; the row's other columns are kept as fields for reward functions."""
+    fields = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
+    if "prompt" in row:
+        return Prompt(_asks(_turns(_require(row, "prompt"), "prompt", "user"), "prompt"), _reference_column(row),
+                      fields, src)
+    messages = _messages(_require(row, "messages"), "messages")
+    start = _last_target_start(messages)
+    if start == 0:
+        raise RowError("messages", "has no prompt: it starts with the assistant",
+                       "online training needs the user turn(s) the model answers", "no_prompt")
+    answer = messages[start:]
+    reference = "\n".join(m.content for m in answer) if answer else _reference_column(row)
+    return Prompt(_asks(messages[:start], "messages"), reference, fields, src)
+
+
 def parse_text(row: dict, src: Source) -> Document:
     """A raw document (continued pre-training). The text is kept exactly as written."""
     text = _require(row, "text")
@@ -365,8 +401,27 @@ PARSERS: dict[str, Callable[[dict, Source], Example]] = {
     "messages": parse_messages, "sharegpt": parse_sharegpt, "alpaca": parse_alpaca,
     "prompt_completion": parse_prompt_completion, "preference": parse_preference,
     "preference_implicit": parse_preference_implicit, "hh_rlhf": parse_hh_rlhf, "kto": parse_kto,
+    "prompt": parse_prompt,
     "text": parse_text,
 }
+
+
+def parse_as_prompt(row: dict, src: Source, fmt: str) -> Prompt:
+    """Any row that has a prompt, as the prompt an online method answers: the `prompt` format itself,
+    `messages` ending in a user turn or in the answer, and every other format's prompt with its answer (the
+    completion, the final assistant turn, the chosen reply, a desirable KTO completion) as the reference."""
+    if fmt in ("prompt", "messages"):
+        return parse_prompt(row, src)
+    example = PARSERS[fmt](row, src)
+    prompt = prompt_messages(example)
+    if not prompt:
+        raise RowError(fmt, "has no prompt", "online training needs the user turn(s) the model answers",
+                       "no_prompt")
+    answer = target_messages(example)
+    keep = not isinstance(example, Unpaired) or example.label
+    reference = "\n".join(m.content for m in answer) if answer and keep else None
+    fields = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
+    return Prompt(_asks(prompt, "prompt"), reference, fields, src)
 
 
 # --- the whole dataset -----------------------------------------------------------------------------------
@@ -415,6 +470,8 @@ def target_messages(example: Example) -> tuple[Message, ...]:
         return example.messages[_last_target_start(example.messages):]
     if isinstance(example, Preference):
         return example.chosen
+    if isinstance(example, Prompt):
+        return (Message("assistant", example.reference),) if example.reference else ()
     if isinstance(example, Document):
         return ()
     return example.completion

@@ -21,6 +21,7 @@ from .formats import (
     RowError,
     detect_format,
     messages_text,
+    parse_as_prompt,
     prompt_messages,
 )
 from .sources import data_files, read_rows
@@ -53,19 +54,22 @@ class Parsed:
 
 
 def parse_rows(rows: Iterable[tuple[dict, Source]], format: str = "auto",
-               read_problems: Iterable[Problem] = ()) -> Parsed:
-    """Normalise rows under `format` ("auto": detected from every row). Never raises for bad rows."""
+               read_problems: Iterable[Problem] = (), kind: ExampleKind | None = None) -> Parsed:
+    """Normalise rows under `format` ("auto": detected from every row). Never raises for bad rows. With
+    kind "prompt" every row is read as the prompt an online method answers (`formats.parse_as_prompt`)."""
     rows = list(rows)
     problems = [RowProblem(_source_of(p.where), p.what, p.hint, "unreadable") for p in read_problems]
     chosen, mixed, row_formats = (format, None, None) if format != "auto" else detect_format(rows)
-    parsed = Parsed(chosen, KIND_OF_FORMAT.get(chosen, "sft"), problems=problems, mixed=mixed, rows=len(rows))
+    as_prompt = kind == "prompt"
+    parsed = Parsed(chosen, "prompt" if as_prompt else KIND_OF_FORMAT.get(chosen, "sft"), problems=problems,
+                    mixed=mixed, rows=len(rows))
     for index, (row, src) in enumerate(rows):
         seen = row_formats[index] if row_formats is not None else chosen
         if chosen == "unknown" or (seen is not None and seen != chosen):
             parsed.problems.append(_wrong_format_problem(row, src, seen, chosen))
             continue
         try:
-            example = PARSERS[chosen](row, src)
+            example = parse_as_prompt(row, src, chosen) if as_prompt else PARSERS[chosen](row, src)
         except RowError as e:
             parsed.problems.append(RowProblem(src, f"{e.field}: {e.what}" if e.field else e.what, e.hint, e.code))
             continue
@@ -75,13 +79,14 @@ def parse_rows(rows: Iterable[tuple[dict, Source]], format: str = "auto",
 
 
 def normalise(rows: Iterable[tuple[dict, Source]], format: str = "auto", skip_invalid: bool = False,
-              files: Iterable[str] = (), read_problems: Iterable[Problem] = ()) -> Dataset:
+              files: Iterable[str] = (), read_problems: Iterable[Problem] = (),
+              kind: ExampleKind | None = None) -> Dataset:
     """Parse rows into a Dataset. Bad rows raise one DataError listing them all, unless `skip_invalid`,
     in which case they are left out and listed in `Dataset.rejected`."""
     if format != "auto" and format not in PARSERS:
         raise DataError([Problem("data.format", f"unknown format '{format}'",
                                  f"use auto or one of {', '.join(FORMATS)}")])
-    parsed = parse_rows(rows, format, read_problems)
+    parsed = parse_rows(rows, format, read_problems, kind)
     files = list(files)
     if parsed.rows == 0 and not parsed.problems:
         raise DataError([no_rows_problem(files)])
@@ -118,11 +123,11 @@ def _source_of(where: str) -> Source | None:
 
 
 def read_dataset(spec: str | list[str], format: str = "auto", columns: dict[str, str] | None = None,
-                 split: str | None = None, skip_invalid: bool = False) -> Dataset:
+                 split: str | None = None, skip_invalid: bool = False, kind: ExampleKind | None = None) -> Dataset:
     """Read and normalise every row of `spec` (file, folder, hub id, or a list of them)."""
     read_problems: list[Problem] = []
     rows = list(read_rows(spec, columns, split, problems=read_problems))
-    return normalise(rows, format, skip_invalid, _files(spec, split), read_problems)
+    return normalise(rows, format, skip_invalid, _files(spec, split), read_problems, kind)
 
 
 def load_examples(spec: str | list[str], format: str = "auto", columns: dict[str, str] | None = None,
@@ -131,17 +136,19 @@ def load_examples(spec: str | list[str], format: str = "auto", columns: dict[str
     return read_dataset(spec, format, columns, split, skip_invalid)
 
 
-def load_data(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset | None]:
+def load_data(cfg: DataConfig, seed: int, kind: ExampleKind | None = None) -> tuple[Dataset, Dataset | None]:
     """The training set and the eval set (cfg.eval, or a seeded cfg.eval_split fraction of the train rows).
+    `kind` is the kind of example the method trains on: "prompt" reads every row that has a prompt as one
+    (online methods); the other kinds come as the data's format makes them.
 
     max_examples keeps a random sample of N valid examples chosen by `seed`, before any eval split."""
     if cfg.train is None:
         raise TunesmithError("no training data given", "set data.train to a file, folder or hub dataset id")
-    train = read_dataset(cfg.train, cfg.format, cfg.columns, cfg.split, cfg.skip_invalid)
+    train = read_dataset(cfg.train, cfg.format, cfg.columns, cfg.split, cfg.skip_invalid, kind)
     if cfg.max_examples is not None:
         train.examples = sample_examples(train.examples, cfg.max_examples, seed)
     if cfg.eval is not None:
-        held_out = read_dataset(cfg.eval, cfg.format, cfg.columns, "test", cfg.skip_invalid)
+        held_out = read_dataset(cfg.eval, cfg.format, cfg.columns, "test", cfg.skip_invalid, kind)
         if held_out.kind != train.kind:
             raise TunesmithError(f"eval data is {held_out.kind} ({held_out.format}) but training data is "
                                  f"{train.kind} ({train.format})", "give eval data in a format of the same kind")

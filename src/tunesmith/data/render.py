@@ -22,6 +22,7 @@ from .types import (
     Document,
     Message,
     Preference,
+    Prompt,
     Source,
     Unpaired,
     conversation_tools,
@@ -68,6 +69,21 @@ class TokenizedPair:
 class TokenizedUnpaired:
     completion: Tokenized
     label: bool
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """A prompt rendered with the generation prompt (what the model continues), and its example."""
+
+    input_ids: tuple[int, ...]
+    example: Prompt
+
+    @property
+    def source(self) -> Source | None:
+        return self.example.source
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 @dataclass
@@ -209,6 +225,21 @@ class Renderer:
         prompt = self._with_system(ex.prompt)
         tok = self._finish(*self._completion(prompt, ex.completion), ex.source)
         return None if tok is None else TokenizedUnpaired(tok, ex.label)
+
+    def prompt(self, ex: Prompt, reserve: int = 0) -> TokenizedPrompt | None:
+        """A prompt to answer, leaving `reserve` tokens of max_length for the answer. A longer prompt keeps its
+        end under truncation: left, and is dropped otherwise (cutting its end would cut the question)."""
+        self.stats.rendered += 1
+        ids = self.prompt_ids(ex.prompt)
+        room = max(1, self.max_length - reserve)
+        if len(ids) > room:
+            if self.truncation != "left":
+                self._drop(ex.source)
+                return None
+            self.stats.truncated += 1
+            ids = ids[-room:]
+        return TokenizedPrompt(tuple(ids), ex)
+
 
     def document(self, doc: Document) -> list[Tokenized]:
         """A document's windows of max_length tokens, every token trained once (data/documents.py). With

@@ -24,7 +24,7 @@ Row = dict[str, Any]
 
 KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 CANONICAL_COLUMNS = ("messages", "conversations", "system", "instruction", "input", "output", "prompt",
-                     "completion", "chosen", "rejected", "label", "tools", "text")
+                     "completion", "chosen", "rejected", "label", "reference", "tools", "text")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 
 csv.field_size_limit(2**31 - 1)

@@ -121,6 +121,19 @@ class Unpaired:
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """Online-training (GRPO) example: a prompt the policy answers during training. `reference` is the answer
+    the example carries (its completion, final assistant turn, chosen reply or `reference` column), if any;
+    `fields` are the row's other columns, for reward functions that read them."""
+
+    prompt: tuple[Message, ...]
+    reference: str | None = None
+    fields: dict = field(default_factory=dict, hash=False, compare=False)
+    source: Source | None = None
+
+
+
+@dataclass(frozen=True)
 class Document:
     """Continued pre-training example: raw text, every token of which is trained."""
 
@@ -128,9 +141,9 @@ class Document:
     source: Source | None = None
 
 
-Example = Union[Conversation, Preference, Unpaired, Document]
+Example = Union[Conversation, Preference, Unpaired, Document, Prompt]
 
-ExampleKind = Literal["sft", "preference", "unpaired", "document"]
+ExampleKind = Literal["sft", "preference", "unpaired", "document", "prompt"]
 
 
 def kind_of(example: Example) -> ExampleKind:
@@ -138,6 +151,8 @@ def kind_of(example: Example) -> ExampleKind:
         return "sft"
     if isinstance(example, Preference):
         return "preference"
+    if isinstance(example, Prompt):
+        return "prompt"
     if isinstance(example, Document):
         return "document"
     return "unpaired"

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 import re
-import string
 import sys
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.methods.scoring import (  # noqa: F401 - the eval's names for them
+    answer_tokens,
+    load_labels,
+    load_schema,
+    normalize,
+    schema_error,
+    strip_code_fence,
+    token_f1,
+)
+from tunesmith.methods.scoring import parse_json as _parse_json
 
 METRIC_SPECS = (
     "exact",
@@ -36,30 +43,6 @@ METRIC_SPECS = (
     "perplexity",
     "tool_call",
 )
-
-_QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb"}
-_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
-
-
-def normalize(text: str) -> str:
-    """Strip, casefold, collapse whitespace, then peel surrounding quotes and a trailing period."""
-    out = " ".join(text.split()).casefold()
-    previous = None
-    while out != previous:
-        previous = out
-        if out.endswith(".") and not out.endswith(".."):
-            out = out[:-1].rstrip()
-        if len(out) >= 2 and _QUOTE_PAIRS.get(out[0]) == out[-1]:
-            out = out[1:-1].strip()
-    return out
-
-
-def strip_code_fence(text: str) -> str:
-    """`json` output wrapped in a single markdown code fence (```json ... ```) is judged on its content."""
-    text = text.strip()
-    match = _FENCE.match(text)
-    return match.group(1).strip() if match else text
-
 
 @dataclass(frozen=True)
 class Metric:
@@ -96,27 +79,6 @@ class Contains(Metric):
         pred = normalize(prediction)
         # An empty reference would otherwise be "contained" in every prediction.
         return float(ref in pred) if ref else float(pred == "")
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def answer_tokens(text: str) -> list[str]:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, split on whitespace."""
-    return _ARTICLES.sub(" ", text.casefold().translate(_PUNCT)).split()
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Harmonic mean of token precision and recall (SQuAD's F1); two empty answers agree."""
-    pred, ref = answer_tokens(prediction), answer_tokens(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    same = sum((Counter(pred) & Counter(ref)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 @dataclass(frozen=True)
@@ -164,13 +126,6 @@ class RegexMatch(Metric):
         return {"matched": matched, "answer": answer}
 
 
-def _parse_json(text: str) -> tuple[bool, Any]:
-    try:
-        return True, json.loads(strip_code_fence(text))
-    except ValueError:
-        return False, None
-
-
 @dataclass(frozen=True)
 class JsonValid(Metric):
     def score(self, prediction: str, reference: str) -> float:
@@ -196,14 +151,7 @@ class JsonSchemaValid(Metric):
     schema_path: str = ""
 
     def _errors(self, prediction: str) -> tuple[Any, str | None]:
-        import jsonschema
-
-        ok, value = _parse_json(prediction)
-        if not ok:
-            return None, "not valid JSON"
-        validator = jsonschema.validators.validator_for(self.schema)(self.schema)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
-        return value, None if error is None else error.message
+        return schema_error(self.schema, prediction)
 
     def score(self, prediction: str, reference: str) -> float:
         return float(self._errors(prediction)[1] is None)
@@ -340,38 +288,6 @@ class HeldOutLoss(Metric):
             raise TunesmithError(f"loss metric got a per-example NLL of {nll}",
                                  "NLL must be a finite, non-negative number of nats")
         return float(nll)
-
-
-def _read_json_file(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TunesmithError(f"{what} file not found: {path}", "check the path after the ':'") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TunesmithError(f"cannot read {what} file {path}: {exc}", "it must be a valid UTF-8 JSON file") from None
-
-
-def load_schema(path: Path) -> dict[str, Any]:
-    import jsonschema
-
-    schema = _read_json_file(path, "JSON schema")
-    if not isinstance(schema, dict):
-        raise TunesmithError(f"invalid JSON schema in {path}: the top level must be an object")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.exceptions.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path) or "(root)"
-        raise TunesmithError(f"invalid JSON schema in {path} at {where}: {exc.message}",
-                             "fix the schema so that it is valid JSON Schema") from None
-    return schema
-
-
-def load_labels(path: Path) -> frozenset[str]:
-    labels = _read_json_file(path, "choice labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise TunesmithError(f"choice labels file {path} must hold a non-empty JSON list of strings",
-                             'e.g. ["positive", "negative", "neutral"]')
-    return frozenset(normalize(x) for x in labels)
 
 
 def _bad_spec(spec: str, why: str) -> TunesmithError:

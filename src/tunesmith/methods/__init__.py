@@ -9,6 +9,7 @@ from ..config import MethodConfig
 from ..errors import TunesmithError
 from .base import Method, MethodBase, Split
 from .cpt import CPT
+from .grpo import GRPO
 from .preference import DPO, IPO, KTO, ORPO, SimPO
 from .sft import SFT
 
@@ -20,6 +21,7 @@ METHODS: dict[str, Callable[[MethodConfig], Method]] = {
     "orpo": ORPO,
     "simpo": SimPO,
     "kto": KTO,
+    "grpo": GRPO,
 }
 
 

@@ -9,12 +9,15 @@ The loop and the reference pass use a method only through the members declared i
     ref     = reference("train" | "eval", items, batch)   only when method.needs_reference
     loss, metrics = method.loss(policy, ref, batch)       summed over method.units(batch)
 
-The loop divides every micro-batch's loss by the units of the whole accumulated (global) batch.
+The loop divides every micro-batch's loss by the units of the whole accumulated (global) batch. An online
+method (`online`, e.g. GRPO) renders prompts, and its items for the batches above come from `rollout`: the
+step's prompts answered by the current policy (train/rollout.py calls it; `dump_items` / `load_items` keep a
+sampled batch in a checkpoint while it is still being trained on).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -32,6 +35,7 @@ class Method(Protocol):
     name: str
     example_kind: ExampleKind
     needs_reference: bool
+    online: bool  # its batches are sampled from the policy during training (train/rollout.py)
 
     def render(self, renderer: Renderer, example: Example) -> Any | None:
         """Tokenize one canonical example (None when the truncation policy drops it)."""
@@ -62,13 +66,30 @@ class Method(Protocol):
     def diagnose(self, history: Sequence[dict]) -> list[str]:
         """Warnings about a finished stage, read from its logged metrics (e.g. likelihood displacement)."""
 
+    def plan_items(self, items: Sequence[Any]) -> list[Any]:
+        """What a micro-batch of these rendered items holds in training, at its largest, for planning memory
+        and time (an online method: each prompt with its answers at their longest; else the items)."""
+
+    def rollout(self, sampler: Any, prompts: list[list[Any]], generator: torch.Generator,
+                collate: Callable[[list[Any]], Batch]) -> tuple[list[list[Any]], dict[str, float]]:
+        """Online methods: the micro-batches (lists of items `collate` takes) of one step, made by sampling
+        answers to the step's prompt items (`prompts`, per planned micro-batch) with `sampler`
+        (model.sampling.Sampler) and `generator`; and the step's sampling metrics."""
+
+    def dump_items(self, items: Sequence[Any]) -> list:
+        """Online methods: JSON for a sampled micro-batch's items (a checkpoint taken mid-way through it)."""
+
+    def load_items(self, data: list, prompts: Sequence[Any]) -> list[Any]:
+        """Online methods: the items `dump_items` wrote (`prompts`: the run's rendered prompt items)."""
+
 
 class MethodBase:
-    """Defaults: every rendered item is kept, policy log-probs are per-sequence sums."""
+    """Defaults: every rendered item is kept, policy log-probs are per-sequence sums, batches are planned."""
 
     name = "base"
     example_kind: ExampleKind = "sft"
     needs_reference = False
+    online = False
 
     def prepare(self, items: list[Any], micro_batch_size: int, split: Split) -> tuple[list[Any], str | None]:
         return items, None
@@ -78,3 +99,15 @@ class MethodBase:
 
     def diagnose(self, history: Sequence[dict]) -> list[str]:
         return []
+
+    def plan_items(self, items: Sequence[Any]) -> list[Any]:
+        return list(items)
+
+    def rollout(self, sampler, prompts, generator, collate):
+        raise TypeError(f"{self.name} trains on a fixed batch plan; only online methods sample their batches")
+
+    def dump_items(self, items: Sequence[Any]) -> list:
+        raise TypeError(f"{self.name} trains on a fixed batch plan; its batches need no checkpoint")
+
+    def load_items(self, data: list, prompts: Sequence[Any]) -> list[Any]:
+        raise TypeError(f"{self.name} trains on a fixed batch plan; its batches need no checkpoint")

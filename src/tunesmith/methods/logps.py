@@ -51,6 +51,18 @@ class SeqLogps:
         return SeqLogps(self.logp_sum.detach(), self.n_tokens.detach())
 
 
+@dataclass
+class TokenLogps:
+    """Log-prob of every trained token (in the batch's row-major order of trained positions) and the sequence
+    it belongs to: what a per-token loss (GRPO) needs instead of per-sequence sums."""
+
+    logp: torch.Tensor  # [N] float32
+    seq: torch.Tensor  # [N] long
+
+    def detach(self) -> TokenLogps:
+        return TokenLogps(self.logp.detach(), self.seq)
+
+
 def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Last hidden states [R, T, H] of the transformer body (adapters included, LM head not applied)."""
     lm = unwrap(model)
@@ -84,10 +96,12 @@ def logit_transform(model: torch.nn.Module) -> Transform | None:
 
 
 def _chunk_logps(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                 transform: Transform | None = None) -> torch.Tensor:
+                 transform: Transform | None = None, temperature: float = 1.0) -> torch.Tensor:
     logits = head(h).float()
     if transform is not None:
         logits = transform(logits)
+    if temperature != 1.0:
+        logits = logits / temperature
     return torch.gather(logits.log_softmax(-1), -1, targets[:, None]).squeeze(-1)
 
 
@@ -133,8 +147,11 @@ def _fused_head_logps(fused_ce, h: torch.Tensor, weight: torch.Tensor, targets: 
     return -fused_ce(h.to(dtype), weight.to(dtype), targets)
 
 
-def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of every trained token and the sequence it belongs to, both [N_target]."""
+def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024, temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of every trained token and the sequence it belongs to, both [N_target], in the order of the
+    trained positions (row by row). With a temperature, of softmax(logits / temperature): the distribution
+    an online method samples from (model/sampling.py)."""
     h = hidden_states(model, batch)
     lm = unwrap(model)
     head = lm.get_output_embeddings()
@@ -144,18 +161,18 @@ def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> tupl
     targets = batch.labels[:, 1:][targets_mask]
     seq = batch.seq_ids[:, 1:][targets_mask]
     fused_ce = head_ce_kernel(getattr(getattr(lm, POLICY, None), "head_ce", None))
-    if fused_ce is not None and transform is None and torch.is_grad_enabled() and _trained_linear(head) \
-            and targets.numel():
+    if fused_ce is not None and transform is None and temperature == 1.0 and torch.is_grad_enabled() \
+            and _trained_linear(head) and targets.numel():
         return _fused_head_logps(fused_ce, h_sel, head.weight, targets), seq
     pieces = []
     for k in range(0, targets.shape[0], chunk):
         hc, tc = h_sel[k:k + chunk], targets[k:k + chunk]
-        if transform is None and _frozen_linear(head):
-            pieces.append(FrozenHeadLogps.apply(hc, head.weight, tc))
+        if transform is None and _frozen_linear(head):  # logits / T == linear(h / T): the head stays fused
+            pieces.append(FrozenHeadLogps.apply(hc / temperature if temperature != 1.0 else hc, head.weight, tc))
         elif torch.is_grad_enabled() and hc.requires_grad:
-            pieces.append(checkpoint(_chunk_logps, head, hc, tc, transform, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, head, hc, tc, transform, temperature, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(head, hc, tc, transform))
+            pieces.append(_chunk_logps(head, hc, tc, transform, temperature))
     logps = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
     return logps, seq
 

@@ -40,7 +40,7 @@ from ..data.render import IGNORE, Tokenized
 from ..errors import TrainingAborted, TunesmithError
 from ..model.unwrap import reshard
 from .base import Method, Split
-from .logps import SeqLogps, sequence_logps
+from .logps import SeqLogps
 
 CACHE_FORMAT = 2
 SeqKey = tuple[tuple[int, ...], tuple[int, ...]]
@@ -196,6 +196,8 @@ class LiveReference:
 
     @torch.no_grad()
     def __call__(self, split: Split, items: Sequence[Any], batch: Batch) -> SeqLogps:
+        """What the method scores the policy with (`Method.policy_logps`: per-sequence sums, or per-token
+        log-probs for GRPO's KL), for the step-0 policy."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -347,12 +349,13 @@ def build_reference(model: torch.nn.Module, method: Method, batches: dict[str, l
                     reducer: Reducer | None = None) -> Reference:
     """The run's reference: live, or precomputed for every micro-batch in `batches` (per split, the items
     of each micro-batch the run will form) and cached. `forward` runs a batch through the policy as training
-    runs it (the wrapped model under DDP/FSDP2); `reducer` shares the pre-pass between processes. With
-    `progress` (a callback, such as `tunesmith.console.advance`), the pass is a "reference pass" phase on
-    `console`, counted in the examples this process scores."""
-    forward = forward or (lambda b: sequence_logps(model, b, cfg.train.logits_chunk))
+    runs it (the wrapped model under DDP/FSDP2; by default the method's own policy log-probs); `reducer`
+    shares the pre-pass between processes. With `progress` (a callback, such as
+    `tunesmith.console.advance`), the pass is a "reference pass" phase on `console`, counted in the examples
+    this process scores."""
+    forward = forward or (lambda b: method.policy_logps(model, b, cfg.train.logits_chunk))
     reducer = reducer or OneProcess()
-    if cfg.method_args.reference == "live":
+    if cfg.method_args.reference == "live" or method.online:  # an online method's sequences are not known yet
         console.print(f"reference log-probs: live ({reference_mode(cfg)})")
         return LiveReference(model, reference_mode(cfg), rt, forward)
     if not batches.get("train"):

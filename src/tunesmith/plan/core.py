@@ -221,6 +221,10 @@ def _plan_stage(cfg: RunConfig, dev: Device, nproc: int, parallel: str, calibrat
     peak, mem, shape, overhead = total_bytes(arch, s, data, dev, nproc, mode)
     fits = peak <= dev.memory_bytes
     notes = [n for n in (tok_note, *data.notes) if n]
+    if method.online:
+        notes.append(f"{cfg.method} samples its batches: memory and time are for training on answers of "
+                     "max_new_tokens each; sampling them adds time and a KV cache (micro_batch_size x group_size rows) "
+                     "that are not counted here")
     if s.precision != cfg.precision and cfg.precision == "auto":
         notes.append(f"precision auto is {s.precision} on {dev.name}")
     if fits and dev.available_bytes is not None and peak > dev.available_bytes:

@@ -42,7 +42,7 @@ def render_items(cfg: RunConfig, tokenizer, method) -> tuple[list, list | None, 
     from ..train.recipe import check_data_kind
     from ..train.recipe import render_items as recipe_render
 
-    train_ds, eval_ds = load_data(cfg.data, cfg.train.seed)
+    train_ds, eval_ds = load_data(cfg.data, cfg.train.seed, method.example_kind)
     check_data_kind(cfg, method, train_ds)
     return recipe_render(cfg, method, tokenizer, train_ds, eval_ds, Console(quiet=True))
 
@@ -59,7 +59,7 @@ def profile(cfg: RunConfig, tokenizer, method, tokenizer_note: str | None = None
         notes.append(f"batch shapes from the first epoch ({plan.per_epoch:,} of {len(batches):,} micro-batches)")
     shapes, lengths, trained, tokens, computed, targets = [], [], [], 0, 0, 0
     for idx in collated:
-        chosen = [items[i] for i in idx]
+        chosen = method.plan_items([items[i] for i in idx])  # an online method: its sampled answers too
         b = method.collate(chosen, pad_id, pack)
         rows, width = b.input_ids.shape
         shapes.append(BatchShape(int(rows), int(width), b.n_target_tokens))
@@ -70,7 +70,8 @@ def profile(cfg: RunConfig, tokenizer, method, tokenizer_note: str | None = None
     scale = len(batches) / len(collated)
     ref = None
     if method.needs_reference:
-        seqs = method.batch_sequences(items) + (method.batch_sequences(eval_items) if eval_items else [])
+        seqs = method.batch_sequences(method.plan_items(items)) + (
+            method.batch_sequences(method.plan_items(eval_items)) if eval_items else [])
         ref = SeqStats(tuple(len(x) for x in seqs), tuple(x.n_target for x in seqs))
     return DataProfile(
         examples=len(items), eval_examples=len(eval_items or []), steps=plan.total_steps,

@@ -92,19 +92,19 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         mbs = self.source.step(step)  # padding micro-batches (weight 0) keep the ranks' collectives in step
+        source_s = time.perf_counter() - t0  # making the batches: sampling, for an online method
         units = self.parallel.sum([float(sum(self.method.units(mb.batch) * mb.weight for mb in mbs))])[0]
         total_loss = torch.zeros((), device=self.rt.device)
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, list] = {}
         for k, mb in enumerate(mbs):
             with self.parallel.accumulating(self.policy, last=k == len(mbs) - 1):
                 loss_sum, metrics = self.forward(mb)
                 (loss_sum * (mb.weight * self.parallel.world_size / max(units, 1))).backward()
             total_loss += loss_sum.detach() * mb.weight
-            for name, v in metrics.items():
-                sums[name] = sums.get(name, 0) + v.detach().float() * mb.weight
+            add_metrics(sums, metrics, mb.weight)
         grad_norm = self.parallel.clip(self.trainable, self.cfg.max_grad_norm)
         names = sorted(sums)
-        reduced = self.parallel.sum([float(total_loss), *(float(sums[n]) for n in names),
+        reduced = self.parallel.sum([float(total_loss), *(float(x) for n in names for x in sums[n]),
                                      float(sum(mb.batch.n_real_tokens * mb.weight for mb in mbs)),
                                      float(sum(mb.batch.n_target_tokens * mb.weight for mb in mbs))])
         loss = reduced[0] / max(units, 1)
@@ -124,8 +124,14 @@ class Trainer:
         self.state.tokens += real
         self.state.target_tokens += target
         self.state.elapsed += dt
-        record.update({n: v / max(units, 1) for n, v in zip(names, reduced[1:-2], strict=True)})
+        record.update(metric_means(names, sums, reduced[1:-2], units))
+        source = self.source.step_metrics()
+        if source:
+            means = self.parallel.sum([float(source[n]) for n in sorted(source)])
+            record.update({n: v / self.parallel.world_size for n, v in zip(sorted(source), means, strict=True)})
+        train_s = dt - source_s
         record.update({"tokens": real, "target_tokens": target, "tokens_per_s": real / dt if dt else 0.0,
+                       "train_tokens_per_s": real / train_s if train_s > 0 else 0.0,
                        "time": round(self.state.elapsed, 3)})
         return record
 
@@ -155,7 +161,7 @@ class Trainer:
             return {}
         self.model.eval()
         total, units = 0.0, 0.0
-        sums: dict[str, float] = {}
+        sums: dict[str, list] = {}
         for mb in self.eval_source():
             with self.rt.autocast():
                 policy = self.policy(mb.batch)
@@ -163,13 +169,12 @@ class Trainer:
             loss_sum, metrics = self.method.loss(policy, ref, mb.batch)
             total += float(loss_sum) * mb.weight
             units += self.method.units(mb.batch) * mb.weight
-            for name, v in metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(v) * mb.weight
+            add_metrics(sums, metrics, mb.weight)
         reshard(self.policy)
         names = sorted(sums)
-        reduced = self.parallel.sum([total, units, *(sums[n] for n in names)])
+        reduced = self.parallel.sum([total, units, *(float(x) for n in names for x in sums[n])])
         out = {"eval_loss": reduced[0] / max(reduced[1], 1)}
-        out.update({f"eval_{n}": v / max(reduced[1], 1) for n, v in zip(names, reduced[2:], strict=True)})
+        out.update({f"eval_{n}": v for n, v in metric_means(names, sums, reduced[2:], reduced[1]).items()})
         return out
 
     # ---- what a checkpoint holds ---------------------------------------------------------------------
@@ -197,6 +202,30 @@ class Trainer:
             for cb in self.callbacks:
                 cb(self, record)
         return self.state
+
+
+def add_metrics(sums: dict[str, list], metrics: dict, weight: float = 1.0) -> None:
+    """Accumulate a micro-batch's metrics: a sum (divided by the step's units when logged), or a (sum, count)
+    pair (divided by its summed count: e.g. a mean over completions when the units are tokens). `weight` 0:
+    a padding micro-batch, which counts nothing."""
+    for name, v in metrics.items():
+        pair = v if isinstance(v, tuple) else (v, None)
+        got = sums.setdefault(name, [0.0] if pair[1] is None else [0.0, 0.0])
+        for i, x in enumerate(pair[:len(got)]):
+            got[i] = got[i] + (x.detach().float() if isinstance(x, torch.Tensor) else float(x)) * weight
+
+
+def metric_means(names: list[str], sums: dict[str, list], reduced: Sequence[float], units: float) -> dict:
+    """The logged value of each metric from its reduced sums (in `names` order, flattened)."""
+    out, at = {}, 0
+    for n in names:
+        values = reduced[at:at + len(sums[n])]
+        if len(values) == 2:
+            out[n] = values[0] / values[1] if values[1] else 0.0
+        else:
+            out[n] = values[0] / max(units, 1)
+        at += len(values)
+    return out
 
 
 class Progress:

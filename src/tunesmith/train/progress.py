@@ -50,13 +50,14 @@ class TrainProgress:
     def update(self, record: dict, tokens_per_s: float, eta_s: float) -> None:
         if not self.enabled:
             return
-        info = f"loss {record['loss']:.4f}  {tokens_per_s:,.0f} tok/s"
+        info = f"loss {record['loss']:.4f}  {tokens_per_s:,.0f} tok/s" + rollout_info(record)
         if "eval_loss" in record:
             self._eval = f"  eval {record['eval_loss']:.4f}"
         if self.bar is not None:  # the last eval loss stays in view until the next one
             self.bar.update(self.task, completed=record["step"], info=info + self._eval, eta=duration(eta_s))
             return
         info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
+        info += rollout_info(record)
         if "eval_loss" in record:
             info += self._eval
         now = time.monotonic()
@@ -66,3 +67,19 @@ class TrainProgress:
             eta = f"  eta {duration(eta_s)}" if record["step"] < self.total else ""
             self.console.print(f"{self.label}: step {record['step']}/{self.total}  {info}  {elapsed} elapsed{eta}",
                                highlight=False, markup=False)
+
+
+# what an online method's step measured, in the order shown: (metric, label, format)
+ROLLOUT_FIELDS = [("reward", "reward", ".3f"), ("reward_std", "std", ".3f"), ("kl", "kl", ".4f"),
+                  ("clip_fraction", "clip", ".3f"), ("completion_length", "len", ".1f"),
+                  ("gen_tokens_per_s", "gen", ",.0f"), ("train_tokens_per_s", "train", ",.0f")]
+
+
+def rollout_info(record: dict) -> str:
+    """The sampled answers' reward (total and per function), spread, KL, clipping, length and the speeds of
+    sampling and training (tok/s) — for a step of an online method; empty for the others."""
+    if "reward" not in record:
+        return ""
+    parts = [f"{label} {record[k]:{fmt}}" for k, label, fmt in ROLLOUT_FIELDS if k in record]
+    per = [f"{k.split('/', 1)[1]} {v:.2f}" for k, v in sorted(record.items()) if k.startswith("reward/")]
+    return "  " + "  ".join(parts[:1] + ([f"({', '.join(per)})"] if per else []) + parts[1:])

@@ -33,10 +33,12 @@ from ..model.attention import attention_summary
 from ..model.device import Runtime, make_runtime
 from ..model.load import load_model_and_tokenizer, model_identity
 from ..model.memory import memory_report, reset_peaks
+from ..model.sampling import Sampler
 from ..model.unwrap import unwrap
 from .loop import Policy, Trainer, TrainState
 from .optim import build_optimizer
 from .parallel import SingleProcess, setup_parallel, world_from_env
+from .rollout import RolloutSource
 from .rundir import RunDir, data_hash
 from .session import run_loop
 from .source import Collator, PlannedSource, eval_batches, planned_items
@@ -167,6 +169,7 @@ def prepare_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bo
     run.write_config(cfg)
     seed_everything(cfg.train.seed)
     method = get_method(cfg.method, cfg.method_args)
+    refuse_online_parallel(cfg, method, parallel)
     train_ds, eval_ds = setup_data(cfg, method, run, console)
     shown = progress and rt.is_main  # the phases' progress bars
     model, tokenizer = setup_model(cfg, rt, console, progress=shown)
@@ -175,6 +178,16 @@ def prepare_stage(cfg: RunConfig, run_path: Path, console: Console, progress: bo
                                        progress=shown)
     return Stage(cfg, rt, parallel, run, method, train_ds, model, tokenizer, items, eval_items, stats, trainer,
                  reference)
+
+
+def refuse_online_parallel(cfg: RunConfig, method: Method, parallel: SingleProcess) -> None:
+    """Before any data or model is loaded: an online method trains in one process only, for now (the rollout
+    source does not yet make ranks agree on skipped groups, sampling metrics or a batch pending at a checkpoint)."""
+    if method.online and parallel.world_size > 1:
+        raise TunesmithError(f"method '{cfg.method}' samples its batches during training and runs in one process "
+                             f"only; this run was started as {parallel.world_size} processes",
+                             hint="run `tunesmith train CONFIG` without torchrun for an online method (in a "
+                                  "multi-stage config: run the online stage in a config of its own)")
 
 
 def with_accumulation(cfg: RunConfig, world_size: int) -> RunConfig:
@@ -208,7 +221,7 @@ def setup_processes(cfg: RunConfig, rt: Runtime, console: Console) -> SingleProc
 
 
 def setup_data(cfg: RunConfig, method: Method, run: RunDir, console: Console) -> tuple[Dataset, Dataset | None]:
-    train_ds, eval_ds = load_data(cfg.data, cfg.train.seed)
+    train_ds, eval_ds = load_data(cfg.data, cfg.train.seed, method.example_kind)
     check_data_kind(cfg, method, train_ds)
     if train_ds.rejected:
         write_rejects(train_ds, run.path / "rejects.jsonl")
@@ -223,8 +236,8 @@ def check_data_kind(cfg: RunConfig, method: Method, train_ds: Dataset) -> None:
             f"method '{cfg.method}' trains on {method.example_kind} examples but the data in {cfg.data.train} "
             f"is {train_ds.kind} ({train_ds.format} format)",
             hint="use preference data (prompt/chosen/rejected) for dpo/ipo/orpo/simpo, labelled "
-                 "prompt/completion/label rows for kto, conversations for sft, and documents (a text column, "
-                 ".txt/.md files) for cpt")
+                 "prompt/completion/label rows for kto, conversations for sft, documents (a text column, "
+                 ".txt/.md files) for cpt, and any data with prompts for grpo")
 
 
 def setup_model(cfg: RunConfig, rt: Runtime, console: Console, progress: bool = True
@@ -308,14 +321,28 @@ def setup_trainer(cfg: RunConfig, method: Method, model: torch.nn.Module, tokeni
         reference = build_reference(model, method, planned_items(plan, items, eval_items, t.micro_batch_size),
                                     cfg, rt, tokenizer, pack, console, progress=advance if progress else None,
                                     forward=policy, reducer=parallel)
+    source = batch_source(cfg, method, model, tokenizer, plan, items, collator, rt, parallel)
     eval_source = None
-    if eval_items:
+    if eval_items and isinstance(source, RolloutSource):
+        def eval_source():
+            return source.eval_batches(eval_items, t.micro_batch_size, parallel.world_size)
+    elif eval_items:
         def eval_source():
             return eval_batches(eval_items, t.micro_batch_size, collator, parallel.rank, parallel.world_size)
-    trainer = Trainer(model, method, PlannedSource(plan, items, collator, parallel.rank), t, rt,
-                      build_optimizer(model, cfg), reference=reference, eval_source=eval_source, parallel=parallel,
-                      policy=policy)
+    trainer = Trainer(model, method, source, t, rt, build_optimizer(model, cfg), reference=reference,
+                      eval_source=eval_source, parallel=parallel, policy=policy)
     return trainer, reference
+
+
+def batch_source(cfg: RunConfig, method: Method, model: torch.nn.Module, tokenizer: Any, plan: BatchPlan,
+                 items: list, collator: Collator, rt: Runtime, parallel: SingleProcess
+                 ) -> PlannedSource | RolloutSource:
+    """The fixed batch plan, or for an online method the plan's prompts answered by the current policy."""
+    if not method.online:
+        return PlannedSource(plan, items, collator, parallel.rank)
+    sampler = Sampler(model, tokenizer, rt.device, rt.precision)
+    return RolloutSource(method, plan, items, collator, sampler, cfg.train.seed, cfg.method_args.iterations,
+                         parallel.rank)
 
 
 def finish_stage(st: Stage, state: TrainState, console: Console, seconds: float) -> Run:

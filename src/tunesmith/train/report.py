@@ -15,7 +15,12 @@ CHARTS: list[tuple[str, list[str]]] = [
     ("Reward margin (chosen − rejected)", ["rewards/margins", "eval_rewards/margins"]),
     ("Reward accuracy", ["rewards/accuracies", "eval_rewards/accuracies"]),
     ("Rewards", ["rewards/chosen", "rewards/rejected", "rewards/signed"]),
-    ("KTO KL estimate z0", ["kl", "eval_kl"]),
+    ("KL estimate (KTO z0; GRPO: to the reference)", ["kl", "eval_kl"]),
+    ("Reward (GRPO)", ["reward", "eval_reward"]),
+    ("Reward std within groups (GRPO)", ["reward_std", "zero_std_groups"]),
+    ("Completion length (GRPO)", ["completion_length", "eval_completion_length"]),
+    ("Clipped tokens (GRPO)", ["clip_fraction", "clip_low", "clip_high"]),
+    ("Tokens/s: sampling and training (GRPO)", ["gen_tokens_per_s", "train_tokens_per_s"]),
     ("Learning rate", ["lr"]),
 ]
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
@@ -81,8 +86,9 @@ def svg_chart(title: str, lines: dict[str, list[tuple[float, float]]]) -> str:
 def summary_rows(records: list[dict]) -> list[tuple[str, float, float, float, float]]:
     """(metric, first, last, min, max) for every charted metric that was logged."""
     rows = []
-    for _, names in CHARTS:
-        for name in names:
+    per_function = sorted({k for r in records for k in r if k.startswith(("reward/", "eval_reward/"))})
+    for _, names in CHARTS + [("", per_function), ("", ["logp_gap"])]:
+        for name in dict.fromkeys(names):
             ps = series(records, name)
             if ps:
                 values = [v for _, v in ps]
@@ -98,7 +104,8 @@ def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     title = f"{info.get('name', run_dir.name)} — {info.get('method', '?')}"
     charts = []
-    for chart_title, names in CHARTS:
+    per_function = sorted({k for r in records for k in r if k.startswith(("reward/", "eval_reward/"))})
+    for chart_title, names in CHARTS + [("Reward per function (GRPO, unweighted)", per_function)]:
         lines = {n: series(records, n) for n in names}
         lines = {n: ps for n, ps in lines.items() if ps}
         if lines:
@@ -135,7 +142,8 @@ def _markdown(title: str, facts: list[tuple[str, str]], rows: list) -> str:
     lines += [f"| {n} | {_fmt(a)} | {_fmt(b)} | {_fmt(c)} | {_fmt(d)} |" for n, a, b, c, d in rows]
     if not rows:
         lines.append("| (no steps logged) | | | | |")
-    lines += ["", "Charts: report.html. Reward metrics are per pair (KTO: per example), averaged over each step."]
+    lines += ["", "Charts: report.html. Reward metrics are per pair (KTO: per example; GRPO: per "
+              "completion), averaged over each step."]
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,9 @@ class BatchSource(Protocol):
     def epoch_at(self, steps_done: int) -> float:
         """Epochs of data consumed after `steps_done` steps (for logging)."""
 
+    def step_metrics(self) -> dict[str, float]:
+        """What making the last step's batches measured (an online source: sampling time and speed)."""
+
     def state_dict(self) -> dict:
         """JSON-serialisable state a resume needs (empty for a fixed plan)."""
 
@@ -73,6 +76,9 @@ class PlannedSource:
 
     def epoch_at(self, steps_done: int) -> float:
         return self.plan.epoch_at(steps_done)
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict:
         return {}
