@@ -40,7 +40,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests bench examples
 	$(PY) -c "from tunesmith.model.default import default_model_dir; default_model_dir()"  # convert once
-	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers, a test file each (module fixtures run once)
+	# two workers, a test file each (module fixtures run once); the client tests run in test-clients
+	$(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/test_export_clients.py
 
 $(VENV)/.clients: $(VENV)/.installed-dev
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP) install --quiet $(LLAMA_CPP)
