@@ -10,19 +10,14 @@ accumulated batch, as for SFT.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
-from ..data.batching import Batch, collate
 from ..data.documents import stream_items
 from ..data.render import Renderer, Tokenized
 from ..data.types import Document
-from .base import MethodBase, Split
-from .logps import SeqLogps
+from .base import Split
+from .sft import SFT
 
 
-class CPT(MethodBase):
+class CPT(SFT):  # SFT's loss, collation and units over document windows
     name = "cpt"
     example_kind = "document"
     needs_reference = False
@@ -40,19 +35,3 @@ class CPT(MethodBase):
         if self.stream is None:
             return [w for windows in items for w in windows], None
         return stream_items([(s.input_ids, s.source) for streams in items for s in streams], *self.stream), None
-
-    def length(self, item: Tokenized) -> int:
-        return len(item)
-
-    def batch_sequences(self, items: Sequence[Tokenized]) -> list[Tokenized]:
-        return list(items)
-
-    def collate(self, items: Sequence[Tokenized], pad_id: int, pack_length: int | None) -> Batch:
-        return collate(items, pad_id, pack_length)
-
-    def units(self, batch: Batch) -> int:
-        return batch.n_target_tokens
-
-    def loss(self, policy: SeqLogps, reference: SeqLogps | None, batch: Batch
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return -policy.logp_sum.sum(), {}
