@@ -18,19 +18,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TOKENIZER = ROOT / ".whl" / "tokenizer"
 
+SHIPPED = ROOT / "src" / "tunesmith" / "plan" / "architectures"  # the configs `tunesmith plan` ships
+KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "rope_theta")
+
+
+def shipped(name: str) -> dict:
+    """A shipped architecture's config.json, as the keys a LlamaConfig needs here."""
+    raw = json.loads((SHIPPED / f"{name}.json").read_text())
+    config = {k: raw[k] for k in KEYS if raw.get(k) is not None}
+    config.setdefault("head_dim", raw["hidden_size"] // raw["num_attention_heads"])
+    return config
+
+
 CONFIGS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=1024, max_position_embeddings=4096,
                  tie_word_embeddings=True, rope_theta=10000.0),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rope_theta=100000.0),
+    "smollm2-135m": shipped("smollm2-135m"),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
                          tie_word_embeddings=True, rope_theta=500000.0),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
-                         tie_word_embeddings=False, rope_theta=500000.0),
+    "llama-3.1-8b": shipped("llama-3.1-8b"),
 }
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
