@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +15,12 @@ from tunesmith.export.vllm import (
     adapter_rank,
     check_vllm_lora,
     serving_rank,
+    tool_call_parser,
     vllm_command,
     write_vllm_readme,
 )
 
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -151,3 +154,29 @@ def test_readme_tells_to_send_the_training_system_message(base_model, tiny_dir, 
     assert "first message" not in plain and json.loads(
         shlex.split("curl" + plain.split("```bash\ncurl", 1)[1].split("```", 1)[0].replace("\\\n", " "))[-1]
     )["messages"] == [{"role": "user", "content": "Hello"}]
+
+
+@pytest.mark.parametrize("template,parser", [
+    ("qwen2_5_tools.jinja", "hermes"), ("mistral_v3_tools.jinja", "mistral"), ("llama3_1_tools.jinja", "llama3_json"),
+    ("qwen2_5.jinja", None), ("llama3.jinja", None), ("mistral.jinja", None), ("chatml_smollm2.jinja", None),
+])
+def test_tool_call_parser_follows_the_templates_call_syntax(template, parser):
+    assert tool_call_parser((TEMPLATES / template).read_text()) == parser
+
+
+def test_readme_and_command_name_the_tool_parser_of_the_saved_template(base_model, tiny_dir, tmp_path):
+    from tunesmith.export.vllm import saved_chat_template
+
+    adapter = _adapter(base_model, tiny_dir, tmp_path / "tools")
+    assert saved_chat_template(adapter) is None
+    assert "--tool-call-parser" not in write_vllm_readme(adapter, "base", "calls").read_text()
+    (adapter / "chat_template.jinja").write_text((TEMPLATES / "qwen2_5_tools.jinja").read_text())
+    text = write_vllm_readme(adapter, "base", "calls").read_text()
+    command = text.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert shlex.split(command)[-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    assert text.count("--tool-call-parser hermes") == 2  # the command and the note that explains it
+    (adapter / "chat_template.jinja").unlink()
+    (adapter / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        TEMPLATES / "llama3_1_tools.jinja").read_text()}))
+    assert saved_chat_template(adapter) is not None and "--tool-call-parser llama3_json" in write_vllm_readme(
+        adapter, "base", "calls").read_text()

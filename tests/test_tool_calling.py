@@ -141,6 +141,14 @@ def test_tool_call_eval_through_the_cli(tool_env, tool_run, tmp_path, capsys):
     assert "beats base" in capsys.readouterr().err
 
 
+def test_the_peft_export_tells_vllm_which_tool_parser_reads_the_calls(tool_run, tmp_path):
+    from tunesmith.export.run import export_run
+
+    result = export_run(tool_run.path, "peft", out=tmp_path / "peft")
+    assert result.commands[0].endswith("--enable-auto-tool-choice --tool-call-parser hermes")
+    assert "--tool-call-parser hermes" in (tmp_path / "peft" / "README.md").read_text()
+
+
 def test_data_preview_marks_the_trained_call_tokens_and_check_refuses_a_template_without_tools(tool_env, tiny_dir,
                                                                                                capsys):
     assert main(["data", "preview", str(tool_env["train"]), "--model", str(tool_env["model"]), "-n", "1"]) == 0

@@ -18,6 +18,11 @@ classes (vllm/model_executor/models/llama.py, mistral.py, qwen2.py):
   else (trainable-token deltas, DoRA magnitudes, fully saved modules) fails to load.
 - Targets must be layers vLLM wraps: every linear projection (q/k/v/o_proj, gate/up/down_proj for
   these models); embed_tokens and lm_head only for llama (Mistral and Qwen2 declare no embedding modules).
+
+Tool calls: vLLM turns a model's written calls into OpenAI `tool_calls` only when it is started with
+`--enable-auto-tool-choice --tool-call-parser NAME`, and the parser must match the syntax the chat template
+teaches (vLLM's docs, "Tool Calling"): `hermes` for `<tool_call>` blocks (Hermes, Qwen2.5), `mistral` for
+`[TOOL_CALLS]`, `llama3_json` for Llama 3.1/3.2's JSON calls.
 """
 
 from __future__ import annotations
@@ -39,6 +44,30 @@ REFUSED_FEATURES = {"lora_bias": "LoRA bias (lora_bias)", "alora_invocation_toke
                     "layer_replication": "layer_replication", "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
                     "use_qalora": "QALoRA"}
 _README_START, _README_END = "<!-- tunesmith:vllm -->", "<!-- /tunesmith:vllm -->"
+# vLLM tool-call parser -> markers that all appear in a chat template teaching that call syntax
+TOOL_PARSERS = (("hermes", ("<tool_call>",)), ("mistral", ("[TOOL_CALLS]",)),
+                ("llama3_json", ("<|start_header_id|>", "tools", '"parameters"')))
+
+
+def tool_call_parser(chat_template: str | None) -> str | None:
+    """The `--tool-call-parser` vLLM needs for the calls this chat template writes; None for a template
+    without tool calls (or a syntax vLLM has no parser for here)."""
+    for parser, markers in TOOL_PARSERS:
+        if chat_template and all(marker in chat_template for marker in markers):
+            return parser
+    return None
+
+
+def saved_chat_template(folder: str | Path) -> str | None:
+    """The chat template a saved tokenizer carries (chat_template.jinja, or tokenizer_config.json's)."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
 
 
 def _base_model_type(config: dict, architecture: str | None) -> str | None:
@@ -163,11 +192,14 @@ def serving_rank(rank: int) -> int:
     return fitting[0]
 
 
-def vllm_command(base: str, name: str, adapter_path: str | Path, rank: int) -> str:
-    """`vllm serve BASE --enable-lora --lora-modules NAME=PATH --max-lora-rank R`, shell-quoted."""
+def vllm_command(base: str, name: str, adapter_path: str | Path, rank: int,
+                 tool_parser: str | None = None) -> str:
+    """`vllm serve BASE --enable-lora --lora-modules NAME=PATH --max-lora-rank R`, shell-quoted; with a tool
+    parser, also `--enable-auto-tool-choice --tool-call-parser P`."""
     module = f"{name}={Path(adapter_path).resolve()}"
+    tools = f" --enable-auto-tool-choice --tool-call-parser {tool_parser}" if tool_parser else ""
     return (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {shlex.quote(module)} "
-            f"--max-lora-rank {serving_rank(rank)}")
+            f"--max-lora-rank {serving_rank(rank)}{tools}")
 
 
 def _curl_example(name: str, system_prompt: str | None) -> list[str]:
@@ -176,6 +208,14 @@ def _curl_example(name: str, system_prompt: str | None) -> list[str]:
     body = json.dumps({"model": name, "messages": messages}, ensure_ascii=False)
     return ["```bash", "curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
             f"  -d {shlex.quote(body)}", "```"]
+
+
+def _tool_note(parser: str | None) -> list[str]:
+    if not parser:
+        return []
+    return ["", f"The chat template writes tool calls in the syntax vLLM's `{parser}` parser reads, so "
+            "`--enable-auto-tool-choice --tool-call-parser " + parser + "` returns them as OpenAI `tool_calls` "
+            "(send `tools` with the request, as in training)."]
 
 
 def _system_note(system_prompt: str | None) -> list[str]:
@@ -195,9 +235,11 @@ def write_vllm_readme(adapter_dir: str | Path, base: str, name: str, system_prom
         from tunesmith.errors import ProblemsError
 
         raise ProblemsError(problems, title="vLLM cannot serve this adapter")
-    command = vllm_command(base, name, adapter_dir, adapter_rank(adapter_dir))
+    parser = tool_call_parser(saved_chat_template(adapter_dir))
+    command = vllm_command(base, name, adapter_dir, adapter_rank(adapter_dir), parser)
     section = "\n".join([
-        _README_START, "## Serve with vLLM", "", "```bash", command, "```", *_system_note(system_prompt), "",
+        _README_START, "## Serve with vLLM", "", "```bash", command, "```", *_tool_note(parser),
+        *_system_note(system_prompt), "",
         f"Then ask for the adapter by name (`\"model\": \"{name}\"`) on the OpenAI-compatible API:", "",
         *_curl_example(name, system_prompt), _README_END, ""])
     readme = adapter_dir / "README.md"
