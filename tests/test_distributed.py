@@ -104,6 +104,34 @@ def test_two_processes_train_the_same_maths_as_one(tiny_dir, tmp_path, data, eng
         assert json.loads((two / "run.json").read_text())["steps"] == 4
 
 
+def test_the_eval_after_training_splits_the_answers_across_ranks_and_equals_one_process(tiny_dir, tmp_path, data):
+    """Each rank generates its share (rank r: prompts r, r + 2, ...), rank 0 writes the one report, and every
+    answer and score equals the same eval run in one process on the same run."""
+    eval_file = tmp_path / "held.jsonl"
+    eval_file.write_text("".join(Path(data["sft"]).read_text().splitlines(True)[:7]))  # 7: shares of 4 and 3
+    settings = {"candidates": ["base", "tuned"], "metrics": ["exact", "loss"], "max_new_tokens": 8}
+    cfg = {**config(tiny_dir, tmp_path / "two", "sft-eval", "sft", data), "eval": {"data": str(eval_file), **settings}}
+    proc, results = launch([{"config": cfg, "evaluate": True}], tmp_path / "job")
+    assert proc.returncode == 0 and results["sft-eval"]["ok"], proc.stderr[-3000:]
+    logged = [json.loads(line) for rank in (0, 1)
+              for line in (tmp_path / "job" / f"results.jsonl.answers.rank{rank}").read_text().splitlines()]
+    assert sorted((r["rank"], r["candidate"], r["prompts"]) for r in logged) == [
+        (0, "base", 4), (0, "tuned", 4), (1, "base", 3), (1, "tuned", 3)]
+    assert (proc.stdout + proc.stderr).count("evaluating base, tuned on 7 examples") == 1  # rank 0 alone talks
+    run_dir = tmp_path / "two" / "sft-eval"
+    two = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert json.loads((run_dir / "run.json").read_text())["eval"]["scores"]["loss"]["tuned"]["mean"] > 0
+
+    tunesmith.evaluate(str(eval_file), settings, tuned_run=run_dir, out=str(tmp_path / "one"), device="cpu",
+                             precision="fp32", base=str(tiny_dir), console=quiet()[0])
+    alone = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert [r["outputs"] for r in two["examples"]] == [r["outputs"] for r in alone["examples"]]
+    for metric in ("exact", "loss"):
+        for cand in ("base", "tuned"):
+            assert [r["scores"][metric][cand] for r in two["examples"]] == pytest.approx(
+                [r["scores"][metric][cand] for r in alone["examples"]], abs=1e-5), (metric, cand)
+
+
 def test_kill_9_resumes_bit_identically_and_across_world_sizes(tiny_dir, tmp_path, data, monkeypatch):
     """A 2-process run killed (kill -9 of every rank) after step 2 and resumed with 2 processes ends
     bit-identical to an uninterrupted one; the same checkpoint resumed in 1 process, and a 1-process

@@ -48,7 +48,6 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
 
     Before loading the model the run is planned (`plan`) for the device it is about to use; a run the plan
     says cannot fit is refused unless `force=True` or `train.ignore_plan: true`."""
-    from .train.parallel import world_from_env
     from .train.recipe import train as run_training
     from .train.trackers import Trackers
 
@@ -60,7 +59,7 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
             run = run_training(cfg, console=console, progress=progress, resume=resume, trackers=trackers)
             if planned is not None:
                 _record_plan(run, planned)
-            if evaluate and cfg.eval is not None and world_from_env()[0] == 0:  # under torchrun: rank 0 evaluates
+            if evaluate and cfg.eval is not None:  # under torchrun every rank answers its share (eval/shards.py)
                 from .eval.run import evaluate_run
 
                 run.info["eval"] = evaluate_run(run, console=console)

@@ -23,6 +23,7 @@ from ..data.formats import messages_text, prompt_messages, target_messages
 from ..data.types import Dataset, Document, Example, Message, Unpaired
 from ..errors import EXIT_VERDICT, TunesmithError
 from ..model.generate import shared_prefix_length
+from ..train.parallel import world_from_env
 from .answers import Answer, AnswerStore, answer_key
 from .candidates import (
     Candidate,
@@ -43,6 +44,7 @@ from .output import print_outcome, write_outputs
 from .prompts import PromptBuilder, label_set
 from .report import build_results
 from .retrieval import read_passages
+from .shards import Shards, eval_shards
 from .stats import Comparison, compare
 from .stats import require_win as check_win
 
@@ -165,7 +167,12 @@ def evaluate(data: DataLike, config: EvalConfig | dict | str | Sequence[str] | N
         console.print(f"shots, labels and retrieval use {where} (few-shot seed {cfg.fewshot_seed})", highlight=False)
     _check_prompt_inputs(cands, train, cfg)
     _check_documents(cands, cfg, judge, {"eval": eval_set, "regression": reg_set})
-    ctx = _context(cfg, cands, base_spec, judge, train, console)
+    shards = eval_shards()
+    if shards is not None and not shards.main:
+        console = Console(quiet=True)
+    ctx = _context(cfg, cands, base_spec, judge, train, console, shards)
+    if not ctx.main:
+        cfg = ctx.cfg = cfg.model_copy(update={"out": None})  # rank 0 writes the results
     ctx.limit = resolve_limit(cfg.max_new_tokens, references, ctx.tokenizer, console)
     console.print(f"evaluating {', '.join(c.name for c in cands)} on {len(eval_set)} examples "
                   f"(base model: {base_spec}, max_new_tokens {ctx.limit})", soft_wrap=True, highlight=False)
@@ -197,6 +204,13 @@ def _require(cfg: EvalConfig, result: EvalResult) -> None:
         raise NoWin(f"--require-worth: {line}", "the fine-tune must significantly beat the best rung without it")
 
 
+class _JudgedOnRank0:
+    """The judge as the other ranks of a torchrun job see it: rank 0 alone judges (and reports)."""
+
+
+JUDGED_ON_RANK_0 = _JudgedOnRank0()
+
+
 @dataclass
 class _Context:
     """What every data set of one eval shares: the settings, the loaded models, clients and prices."""
@@ -213,10 +227,16 @@ class _Context:
     console: Console
     embed: Callable[[Sequence[str]], Any] | None = None
     limit: int = 64
+    shards: Shards | None = None  # the processes of a torchrun job sharing the work (eval/shards.py)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes, prints, judges and asks endpoints (rank 0, or the only process)."""
+        return self.shards is None or self.shards.main
 
 
 def _context(cfg: EvalConfig, cands: Sequence[Candidate], base_spec: str, judge: str | Judge | None,
-             train: list[Example] | None, console: Console) -> _Context:
+             train: list[Example] | None, console: Console, shards: Shards | None = None) -> _Context:
     """Check the remote parts, then load what runs locally (the base model only when something needs it)."""
     from ..prices import load_prices
 
@@ -242,9 +262,13 @@ def _context(cfg: EvalConfig, cands: Sequence[Candidate], base_spec: str, judge:
             engine = Engine(base_spec, cands, device, precision, cfg.batch_size, 64, system_prompt,
                             plain_base=local_judge and judge in (base_spec, "base"))
     tokenizer = engine.tokenizer if engine is not None else _tokenizer(base_spec)
-    the_judge = remote_judge or _local_judge(judge, engine, base_spec, device, precision, cfg.batch_size)
+    if shards is not None and not shards.main and judge is not None:
+        the_judge: Judge | None = JUDGED_ON_RANK_0  # type: ignore[assignment]
+    else:
+        the_judge = remote_judge or _local_judge(judge, engine, base_spec, device, precision, cfg.batch_size)
     rate = device_rate(prices, cfg.device_price, *_device_names(engine))
-    ctx = _Context(cfg, engine, tokenizer, endpoints, prices, rate, the_judge, train, system_prompt, console)
+    ctx = _Context(cfg, engine, tokenizer, endpoints, prices, rate, the_judge, train, system_prompt, console,
+                   shards=shards)
     if embed_needed:
         ctx.embed = embedder_fn(cfg.embedder, device, precision, cfg.batch_size) if cfg.embedder else engine.embed  # type: ignore[union-attr]
     return ctx
@@ -338,7 +362,7 @@ def compare_on(name: str, ctx: _Context, dataset: Sequence[Example], cands: Sequ
             with phase(f"{name} {c.name}", len(prompts), ctx.console, "answers"):
                 answers[c.name], usage[c.name] = answer_all(ctx, name, c, seen.get(c.name), builder)
     outputs = {n: [a.text for a in ans] for n, ans in answers.items()}
-    scores = {m.name: {c.name: _score(m, ctx.engine, c, seen.get(c.name), targets, outputs.get(c.name),
+    scores = {m.name: {c.name: _score(m, ctx, c, seen.get(c.name), targets, outputs.get(c.name),
                                       references, dataset) for c in cands} for m in metric_list}
     tuned = [c.name for c in cands if c.tuned]
     baselines = [c.name for c in cands if not c.tuned]
@@ -354,7 +378,7 @@ def compare_on(name: str, ctx: _Context, dataset: Sequence[Example], cands: Sequ
     for i, row in enumerate(results["examples"]):
         row["answers"] = {n: {k: v for k, v in a[i].to_dict().items() if k != "text"} for n, a in answers.items()}
     judged = {}
-    if ctx.judge is not None:
+    if ctx.judge is not None and ctx.main:
         for t, b in pairs:
             judged[(t, b)] = judge_pairs(ctx.judge, texts, outputs[t], outputs[b])
     results.update({"set": name, "max_new_tokens": ctx.limit, "comparisons": [c.to_dict() for c in comparisons],
@@ -397,19 +421,22 @@ def answer_all(ctx: _Context, set_name: str, c: Candidate, prompts: list[tuple[M
     keys = [answer_key(identity, m, ctx.limit) for m in messages]
     known = {i: store.get(k) for i, k in enumerate(keys)} if store else {}
     missing = [i for i in range(len(keys)) if known.get(i) is None]
+    if ctx.shards is not None:
+        missing = ctx.shards.from_main(lambda: missing)  # rank 0 holds the answers kept from before
     if known and len(missing) < len(keys):
         ctx.console.print(f"[dim]  {len(keys) - len(missing)} answers of {c.name} kept from before[/dim]",
                           highlight=False)
         advance(len(keys) - len(missing))
     if c.kind == "endpoint":
-        fresh = _ask_endpoint(ctx, c, [messages[i] for i in missing], [keys[i] for i in missing], store)
+        fresh = _on_main(ctx, lambda: _ask_endpoint(ctx, c, [messages[i] for i in missing],
+                                                    [keys[i] for i in missing], store))
     else:
-        fresh = ctx.engine.answer(c, [prompts[i] for i in missing], ctx.limit) if missing else []  # type: ignore[union-attr]
+        fresh = _local_answers(ctx, c, [prompts[i] for i in missing])
         for i, a in zip(missing, fresh, strict=True):
             if store is not None:
                 store.put(keys[i], a)
     got = dict(zip(missing, fresh, strict=True))
-    answers = [got[i] if i in got else known[i] for i in range(len(keys))]  # type: ignore[misc]
+    answers = _on_main(ctx, lambda: [got[i] if i in got else known[i] for i in range(len(keys))])  # type: ignore[misc]
     if c.kind == "endpoint":
         local_prompt = sum(len(x) for x in ids) / len(ids) if ids else None
         return answers, endpoint_usage(c.name, str(c.url), str(c.model), answers,
@@ -419,6 +446,23 @@ def answer_all(ctx: _Context, set_name: str, c: Candidate, prompts: list[tuple[M
         answers = [replace(a, seconds=a.seconds + search, machine_seconds=a.machine_seconds + search)
                    for a in answers]
     return answers, local_usage(c.name, ctx.engine.ran_on(c), answers, cacheable, ctx.rate)  # type: ignore[union-attr]
+
+
+def _local_answers(ctx: _Context, c: Candidate, prompts: list[tuple[Message, ...]]) -> list[Answer]:
+    """The local model's answers; under torchrun each rank generates its share of the prompts."""
+    def answer(part: list[tuple[Message, ...]]) -> list[Answer]:
+        return ctx.engine.answer(c, part, ctx.limit) if part else []  # type: ignore[union-attr]
+
+    if ctx.shards is None:
+        return answer(prompts)
+    return ctx.shards.split(answer, prompts, Answer.to_dict, lambda d: Answer(**d))
+
+
+def _on_main(ctx: _Context, fn: Callable[[], list[Answer]]) -> list[Answer]:
+    """fn() in this process, or under torchrun on rank 0 alone with every rank getting its answers."""
+    if ctx.shards is None:
+        return fn()
+    return ctx.shards.from_main(fn, lambda xs: [a.to_dict() for a in xs], lambda xs: [Answer(**d) for d in xs])
 
 
 def _prompt_ids(ctx: _Context, c: Candidate, prompt: Sequence[Message], messages: list[dict]) -> list[int]:
@@ -478,13 +522,19 @@ def _details(metrics: Sequence[Metric], outputs: dict[str, list[str]], reference
     return out
 
 
-def _score(metric: Metric, engine: Engine | None, cand: Candidate, prompts: Sequence[Sequence[Message]] | None,
+def _score(metric: Metric, ctx: _Context, cand: Candidate, prompts: Sequence[Sequence[Message]] | None,
            targets: Sequence[Sequence[Message]], outputs: list[str] | None, references: list[str],
            examples: Sequence[Example]) -> list[float]:
     if metric.needs_logprobs:
+        assert ctx.engine is not None and prompts is not None
+
+        def nll(rows: list[int]) -> list[float]:
+            return ctx.engine.nll(cand, [prompts[i] for i in rows], [targets[i] for i in rows]) if rows else []  # type: ignore[union-attr]
+
         with phase(f"{metric.name} {cand.name}", len(targets), unit="answers"):
-            nll = engine.nll(cand, prompts, targets)  # type: ignore[union-attr,arg-type]
-        return [metric.score_nll(x) for x in nll]  # type: ignore[attr-defined]
+            rows = list(range(len(targets)))
+            values = ctx.shards.split(nll, rows, float, float) if ctx.shards else nll(rows)
+        return [metric.score_nll(x) for x in values]  # type: ignore[attr-defined]
     return score_all(metric, outputs or [], references, examples)
 
 
@@ -596,7 +646,8 @@ def evaluate_run(run, console: Console | None = None) -> dict[str, Any]:
     result = evaluate(eval_set, ev, train_data=train if ev.train_data is None else None, console=console,
                       columns=cfg.data.columns or None, tuned_run=run.path, **settings)
     summary = result.summary()
-    _record(Path(run.path), summary)
+    if world_from_env()[0] == 0:
+        _record(Path(run.path), summary)
     report = Path(run.path) / "eval" / "report.html"
     if ev.require_win and not result.won:
         raise NoWin("eval.require_win: the fine-tune did not significantly beat every baseline:\n  "

@@ -166,15 +166,7 @@ class Distributed(SingleProcess):
                                  "start every rank with the same config file, --set overrides and data")
 
     def gather_bytes(self, data: bytes) -> list[bytes]:
-        size = torch.tensor([len(data)], dtype=torch.int64, device=self.comm_device)
-        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        self.dist.all_gather(sizes, size)
-        longest = int(max(int(x) for x in sizes))
-        mine = torch.zeros(longest, dtype=torch.uint8, device=self.comm_device)
-        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
-        parts = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        self.dist.all_gather(parts, mine)
-        return [bytes(p[:int(n)].cpu().tolist()) for p, n in zip(parts, sizes, strict=True)]
+        return all_gather_bytes(data, self.comm_device)
 
     def barrier(self) -> None:
         self.dist.barrier()
@@ -212,6 +204,22 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
         raise TunesmithError(f"FSDP2 found no decoder layers to shard in {type(unwrap(module)).__name__}",
                              "use train.parallel: ddp for this model")
     return layers
+
+
+def all_gather_bytes(data: bytes, device: torch.device, group=None) -> list[bytes]:
+    """Every rank's bytes, in rank order (tensors, not pickled objects: ranks exchange only bytes)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    longest = int(max(int(x) for x in sizes))
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+    parts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    return [p[:int(n)].cpu().numpy().tobytes() for p, n in zip(parts, sizes, strict=True)]
 
 
 def world_from_env() -> tuple[int, int, int]:
