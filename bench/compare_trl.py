@@ -242,12 +242,13 @@ def ratio(x: float, base: float | None) -> str:
     return f"{x / base:.2f}×" if base else ""
 
 
-def table(method: str, rows: dict[str, dict]) -> str:
+def table(method: str, rows: dict[str, dict], precision: str = "bf16") -> str:
     base, fast = rows.get("trl", {}).get("tok_s"), rows.get("trl-fast", {}).get("tok_s")
     lines = ["| variant | setup | tokens/s | vs TRL default | vs TRL fast | step s | peak RSS MiB | peak CUDA MiB | "
              "mean loss | final loss | MFU | isolation (nats/token) | TRL tokens identical |", "|" + "---|" * 13]
     for name, r in rows.items():
         setup = SETUP[name][method] if isinstance(SETUP[name], dict) else SETUP[name]
+        setup = setup.replace("bf16 base", f"{precision} base")  # the precision this CPU computes natively
         cells = [name, setup, f"{r['tok_s']:.0f}", ratio(r["tok_s"], base), ratio(r["tok_s"], fast),
                  f"{r['step_s']:.2f}", f"{r['rss']:.0f}",
                  "—" if r["cuda_reserved"] is None else f"{r['cuda_reserved']:.0f}",
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(args, data, rows, stats, flops, peak, precision) -> None:
     info = common.machine()
-    text = table(args.method, rows)
+    text = table(args.method, rows, precision)
     print("\n" + text + "\n")
     for v, r in rows.items():
         print(f"losses {v:>9}: " + " ".join(f"{x:.4f}" for x in r["losses"]))
