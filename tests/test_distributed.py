@@ -9,7 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,61 @@ def test_the_eval_after_training_splits_the_answers_across_ranks_and_equals_one_
         for cand in ("base", "tuned"):
             assert [r["scores"][metric][cand] for r in two["examples"]] == pytest.approx(
                 [r["scores"][metric][cand] for r in alone["examples"]], abs=1e-5), (metric, cand)
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that answers "echo: <question>" and keeps every question it was asked."""
+
+    asked: list[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        question = body["messages"][-1]["content"]
+        type(self).asked.append(question)
+        data = json.dumps({"choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": f"echo: {question}"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_a_standalone_eval_under_torchrun_asks_the_endpoint_once_per_question(tiny_dir, tmp_path, data):
+    """`torchrun -m tunesmith eval`: the ranks split the local answers, rank 0 alone asks the endpoint (it
+    charges per query), and the results equal the same eval in one process."""
+    run = tunesmith.train(config(tiny_dir, tmp_path / "runs", "sft", "sft", data), progress=False, evaluate=False,
+                          console=quiet()[0])
+    eval_file = tmp_path / "held.jsonl"
+    eval_file.write_text("".join(Path(data["sft"]).read_text().splitlines(True)[:5]))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1#echo"
+    args = ["eval", "--data", str(eval_file), "--candidates", f"base,{run.path},{url}", "--metric", "exact",
+            "--device", "cpu", "--precision", "fp32", "--max-new-tokens", "8"]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1", "TUNESMITH_API_KEY": "k"}
+    try:
+        _Echo.asked = []
+        proc = subprocess.run([*TORCHRUN, "-m", "tunesmith", *args, "--out", str(tmp_path / "two")],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(_Echo.asked) == 5 and len(set(_Echo.asked)) == 5  # each question once, by one rank
+        _Echo.asked = []
+        alone = subprocess.run([sys.executable, "-m", "tunesmith", *args, "--out", str(tmp_path / "one")],
+                               capture_output=True, text=True, timeout=600, env=env)
+        assert alone.returncode == 0, alone.stderr[-3000:]
+        assert len(_Echo.asked) == 5
+    finally:
+        server.shutdown()
+        server.server_close()
+    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
+    assert [r["outputs"] for r in two["examples"]] == [r["outputs"] for r in one["examples"]]
+    assert [r["scores"] for r in two["examples"]] == [r["scores"] for r in one["examples"]]
+    assert all(r["outputs"][url].startswith("echo: ") for r in two["examples"])
 
 
 def test_kill_9_resumes_bit_identically_and_across_world_sizes(tiny_dir, tmp_path, data, monkeypatch):

@@ -427,16 +427,20 @@ def answer_all(ctx: _Context, set_name: str, c: Candidate, prompts: list[tuple[M
         ctx.console.print(f"[dim]  {len(keys) - len(missing)} answers of {c.name} kept from before[/dim]",
                           highlight=False)
         advance(len(keys) - len(missing))
-    if c.kind == "endpoint":
-        fresh = _on_main(ctx, lambda: _ask_endpoint(ctx, c, [messages[i] for i in missing],
-                                                    [keys[i] for i in missing], store))
+    if c.kind == "endpoint":  # asked once: by rank 0 under torchrun, whose answers reach the others below
+        fresh = _ask_endpoint(ctx, c, [messages[i] for i in missing], [keys[i] for i in missing], store) \
+            if ctx.main else []
     else:
         fresh = _local_answers(ctx, c, [prompts[i] for i in missing])
         for i, a in zip(missing, fresh, strict=True):
             if store is not None:
                 store.put(keys[i], a)
-    got = dict(zip(missing, fresh, strict=True))
-    answers = _on_main(ctx, lambda: [got[i] if i in got else known[i] for i in range(len(keys))])  # type: ignore[misc]
+
+    def in_order() -> list[Answer]:
+        got = dict(zip(missing, fresh, strict=True))
+        return [got[i] if i in got else known[i] for i in range(len(keys))]  # type: ignore[misc]
+
+    answers = _on_main(ctx, in_order)
     if c.kind == "endpoint":
         local_prompt = sum(len(x) for x in ids) / len(ids) if ids else None
         return answers, endpoint_usage(c.name, str(c.url), str(c.model), answers,

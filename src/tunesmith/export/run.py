@@ -40,14 +40,7 @@ def export_run(run_dir: str | Path, format: str, out: str | Path | None = None, 
 
 
 def _peft(run_dir: Path, info: dict, out: Path, dtype, name: str) -> ExportResult:
-    from .vllm import (
-        adapter_rank,
-        check_vllm_lora,
-        saved_chat_template,
-        tool_call_parser,
-        vllm_command,
-        write_vllm_readme,
-    )
+    from .vllm import check_vllm_lora, serve_command, write_vllm_readme
 
     if info.get("adapter_kind") == "full":
         raise TunesmithError("a full fine-tune has no adapter to export", hint="use --format merged or gguf")
@@ -60,8 +53,7 @@ def _peft(run_dir: Path, info: dict, out: Path, dtype, name: str) -> ExportResul
         raise ProblemsError(problems, title=f"adapter written to {out}, but vLLM cannot serve it")
     write_model_card(out, run_dir, "adapter", name)
     write_vllm_readme(out, base, name, system_prompt=run_system_prompt(run_dir, info))
-    parser = tool_call_parser(saved_chat_template(out))
-    return ExportResult("peft", out, commands=[vllm_command(base, name, out, adapter_rank(out), parser)])
+    return ExportResult("peft", out, commands=[serve_command(out, base, name)])
 
 
 def _merged(run_dir: Path, info: dict, out: Path, dtype, name: str) -> ExportResult:

@@ -210,6 +210,12 @@ def _curl_example(name: str, system_prompt: str | None) -> list[str]:
             f"  -d {shlex.quote(body)}", "```"]
 
 
+def serve_command(adapter_dir: str | Path, base: str, name: str) -> str:
+    """The `vllm serve` line for this adapter folder: its rank, and the tool parser of its saved chat template."""
+    return vllm_command(base, name, adapter_dir, adapter_rank(adapter_dir),
+                        tool_call_parser(saved_chat_template(adapter_dir)))
+
+
 def _tool_note(parser: str | None) -> list[str]:
     if not parser:
         return []
@@ -236,7 +242,7 @@ def write_vllm_readme(adapter_dir: str | Path, base: str, name: str, system_prom
 
         raise ProblemsError(problems, title="vLLM cannot serve this adapter")
     parser = tool_call_parser(saved_chat_template(adapter_dir))
-    command = vllm_command(base, name, adapter_dir, adapter_rank(adapter_dir), parser)
+    command = serve_command(adapter_dir, base, name)
     section = "\n".join([
         _README_START, "## Serve with vLLM", "", "```bash", command, "```", *_tool_note(parser),
         *_system_note(system_prompt), "",
