@@ -13,6 +13,7 @@ timeout long enough for rank 0 to wait on an endpoint: if a process dies, torchr
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -64,6 +65,7 @@ class Shards:
         return decode(json.loads(buffer.numpy().tobytes()))
 
 
+@functools.cache  # one eval group per process: every eval of the job reuses it
 def eval_shards() -> Shards | None:
     """The job's shards when this process is one of several started by torchrun; None for one process."""
     return Shards() if world_from_env()[1] > 1 else None
