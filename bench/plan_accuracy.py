@@ -71,10 +71,19 @@ def row_config(adapter: str, method: str, length: int, ckpt: bool, precision: st
     return cfg
 
 
-def child(cfg_file: Path) -> None:
-    """One real run, as `tunesmith train` runs it; prints its peak RSS and step times as JSON."""
+def peak_rss() -> int:
+    """This process's own peak RSS. Not ru_maxrss: Linux carries the parent's peak across fork and exec into
+    it, and the parent has run the --calibrate steps (VmHWM is the peak of this process's memory alone)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(cfg_file: Path) -> None:
+    """One real run, as `tunesmith train` runs it; prints its peak RSS and step times as JSON."""
     from rich.console import Console
 
     import tunesmith
@@ -83,7 +92,7 @@ def child(cfg_file: Path) -> None:
     run = tunesmith.train(cfg, console=Console(stderr=True), progress=False, evaluate=False, force=True)
     times = [r["time"] for r in run.state.history]
     steps = [b - a for a, b in zip([0.0] + times[:-1], times, strict=True)]
-    print("RESULT " + json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    print("RESULT " + json.dumps({"peak_rss": peak_rss(),
                                   "step_s": steps, "plan_peak": run.info.get("plan", {}).get("peak_bytes")}))
 
 
