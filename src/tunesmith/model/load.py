@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ModelLoadError
 from . import default as default_model
+from .memory import release_checkpoint_mapping
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -137,6 +138,7 @@ def load_model_and_tokenizer(spec: str | None = "default", *, device: str | torc
             quantize_embeddings_nf4(model, double_quant, DTYPES.get(precision, torch.bfloat16))
     else:
         model.to(device)
+    release_checkpoint_mapping(model)  # after a converting load, the file's pages would stay resident
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

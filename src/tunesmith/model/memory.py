@@ -5,14 +5,69 @@ figure that decides whether a run fits). Reported in run.json and by the benchma
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 
 import torch
+from torch import nn
 
 MIB = 2**20
 
 
 def peak_rss_mib() -> float:
+    """This process's own peak RSS. Linux's VmHWM where there is one: ru_maxrss carries a parent's peak across
+    fork and exec into a child, so a run started by a large process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _mapped_checkpoints() -> list[tuple[int, int]]:
+    """Address ranges where this process maps a safetensors file (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(".safetensors"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def release_checkpoint_mapping(model: nn.Module) -> int:
+    """Copy out the tensors that still point into the memory-mapped checkpoint, so the mapping can go.
+
+    After a load that converted the weights (NF4 quantisation, another dtype), the few tensors left as they
+    were (norms, rotary buffers) are views of the mapped file and keep all of it mapped: every page the
+    conversion read stays in the process's RSS (514 MiB on SmolLM2-135M's fp32 file under QLoRA). Tied
+    tensors stay tied. A model whose weights are the mapped file (loaded in the file's own dtype) is left as it
+    is: there the mapping is the weights. Returns the bytes copied."""
+    ranges = _mapped_checkpoints()
+    if not ranges:
+        return 0
+
+    def mapped(t: torch.Tensor) -> bool:
+        ptr = t.data_ptr()
+        return t.device.type == "cpu" and any(lo <= ptr < hi for lo, hi in ranges)
+
+    found = [(store, name, t) for module in model.modules() for store in (module._parameters, module._buffers)
+             for name, t in store.items() if t is not None and mapped(t)]
+    in_file = sum(t.numel() * t.element_size() for t in {id(t): t for _, _, t in found}.values())
+    if in_file * 2 > sum(hi - lo for lo, hi in ranges):
+        return 0
+    copies: dict[int, torch.Tensor] = {}
+    for store, name, t in found:
+        if id(t) not in copies:
+            data = t.detach().clone()
+            copies[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+        store[name] = copies[id(t)]
+    return in_file
 
 
 def cuda_peaks(device: torch.device | str | None = None) -> dict[str, float] | None:
