@@ -131,3 +131,74 @@ def test_draws_follow_the_filtered_distribution_and_score_the_unfiltered_one():
     assert abs((tokens == 0).float().mean().item() - p[0].item()) < 0.03
     full = (logits[0] / 0.5).log_softmax(-1)  # ... and the log-prob is the temperature-scaled, untruncated one
     torch.testing.assert_close(logps, full[tokens])
+
+
+def test_inverse_cdf_draws_in_proportion_and_never_an_impossible_token():
+    from tunesmith.model.sampling import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).repeat(40000, 1)
+    probs[::2] *= 7.0  # unnormalised rows draw the same way
+    tokens = inverse_cdf(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    assert counts[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(counts[[1, 3, 4]], torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64), atol=0.01,
+                               rtol=0)
+    one_hot = torch.zeros(3, 50)
+    one_hot[torch.arange(3), torch.tensor([0, 17, 49])] = 1.0  # the first and last entries are reachable
+    assert inverse_cdf(one_hot, torch.Generator().manual_seed(1)).tolist() == [0, 17, 49]
+
+
+def test_reserved_cache_holds_exactly_what_concatenation_would(tiny):
+    """The in-place cache against transformers' own DynamicCache, through appends and a row selection."""
+    import copy
+
+    from tunesmith.model.sampling import reserve
+
+    model, tok = tiny
+    ids = torch.tensor([prompt_ids(tok, PROMPTS[0])] * 3)
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    plain = copy.deepcopy(cache)
+    reserve(cache, extra=4)
+    g = torch.Generator().manual_seed(0)
+    for step in range(7):  # more positions than were reserved
+        if step == 2:
+            keep = torch.tensor([0, 2])
+            cache.batch_select_indices(keep)
+            plain.batch_select_indices(keep)
+        for a, b in zip(cache.layers, plain.layers, strict=True):
+            k = torch.randn(b.keys.shape[0], b.keys.shape[1], 1, b.keys.shape[-1], generator=g)
+            v = torch.randn(k.shape, generator=g)
+            got, want = a.update(k, v), b.update(k, v)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert cache.get_seq_length() == plain.get_seq_length() == ids.shape[1] + 7
+
+
+def test_decode_linears_compute_the_same_products_for_few_rows_only():
+    from tunesmith.model.kernels import SKINNY_ROWS, decode_linears
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(1536, 576, generator=g), torch.randn(1536, generator=g)
+    calls = []
+    original = torch.mm
+
+    def counting_mm(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    for rows in (1, 3, SKINNY_ROWS, SKINNY_ROWS + 1):
+        x = torch.randn(rows, 1, 576, generator=g)
+        with decode_linears("cpu"):
+            torch.mm = counting_mm
+            try:
+                got = torch.nn.functional.linear(x, w, b)
+            finally:
+                torch.mm = original
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
+        assert got.shape == (rows, 1, 1536) and got.is_contiguous()
+        assert bool(calls) == (rows <= SKINNY_ROWS)  # the W @ x^T path, and only for few rows
+        calls.clear()
+    small = torch.randn(16, 576, generator=g)  # a LoRA factor keeps F.linear
+    x = torch.randn(2, 576, generator=g)
+    with decode_linears("cpu"):
+        torch.testing.assert_close(torch.nn.functional.linear(x, small), x @ small.t())
