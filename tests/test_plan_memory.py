@@ -192,6 +192,28 @@ def test_checkpointing_keeps_only_layer_inputs():
     assert saved["layer inputs (checkpointed)"] == arch.layers * 4 * 256 * arch.hidden * 2
 
 
+def test_cpu_heap_slack_by_case():
+    """glibc's retained heap (plan/core.heap_slack): a share of the saved activations; under checkpointing a
+    share of what the step would save without it; QLoRA adds a share of its weights dequantised in fp32."""
+    from dataclasses import replace
+
+    from tunesmith.plan import core
+
+    arch = _fake_arch()
+    s = memory.Setting("lora", "fp32", targets=tuple(x.name for x in arch.linears))
+    b = memory.BatchShape(4, 256, 100)
+    plain = memory.step_memory(arch, s, b)
+    assert core.heap_slack(arch, s, plain, b, 1, "none") == round(0.85 * plain.activations_total)
+    ckpt = replace(s, grad_checkpointing=True)
+    mem = memory.step_memory(arch, ckpt, b)
+    assert mem.activations_total < plain.activations_total / 10  # checkpointing keeps little ...
+    assert core.heap_slack(arch, ckpt, mem, b, 1, "none") == round(0.55 * plain.activations_total)  # ... the heap more
+    q = replace(s, adapter="qlora")
+    qmem = memory.step_memory(arch, q, b)
+    dequantised = arch.linear_numel * 4  # every 4-bit weight as an fp32 matrix
+    assert core.heap_slack(arch, q, qmem, b, 1, "none") == round(0.85 * qmem.activations_total + 0.65 * dequantised)
+
+
 def test_parallel_memory_per_rank():
     arch = _fake_arch()
     s = memory.Setting("full", "bf16", device="cuda")

@@ -5,7 +5,7 @@ is meant for and, when it does not fit, the changes that make it fit. `check_fit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import RunConfig
@@ -20,10 +20,11 @@ from .timing import Calibration, TimeEstimate, estimate, peak_rate
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 # A CPU training process beyond its tensors, measured on this project's machine (SmolLM2-135M, fp32, tunesmith's
 # glibc settings, 2 to 8 rows of 128 tokens, LoRA and full): the libraries, tokenizer and model skeleton (510 MiB
-# before the weights are paged in), and the heap glibc keeps beyond the live tensors, which grew with the saved
-# activations: 0.82-0.95 times them on top.
+# before the weights are paged in), and the heap glibc keeps beyond the live tensors (see heap_slack).
 CPU_PROCESS_BYTES = 510 * 2**20
 CPU_HEAP_SLACK = 0.85
+CPU_HEAP_SLACK_CHECKPOINTED = 0.55
+CPU_HEAP_SLACK_DEQUANT = 0.65
 # the examples and their rendering as Python objects: measured 40 bytes a token for the token ids and labels
 # (pointers in two tuples, the int objects) and 20 for the parsed examples (banking77, 2,000 examples)
 PYTHON_BYTES_PER_TOKEN = 60
@@ -127,12 +128,31 @@ def total_bytes(arch: Architecture, s: Setting, data: DataProfile, device: Devic
     if device.kind == "cpu":
         overhead["process (libraries)"] = CPU_PROCESS_BYTES
         overhead["rendered data"] = PYTHON_BYTES_PER_TOKEN * sum(data.sequences.lengths)
-        overhead["allocator heap slack"] = round(CPU_HEAP_SLACK * mem.activations_total)
+        overhead["allocator heap slack"] = heap_slack(arch, s, mem, shape, nproc, parallel)
         load = _cpu_load_peak(arch, s, mem)
         train = peak + sum(overhead.values())
         if load > train:
             overhead["loading (checkpoint mapped while converting)"] = load - train
     return peak + sum(overhead.values()), mem, shape, overhead
+
+
+def heap_slack(arch: Architecture, s: Setting, mem: StepMemory, shape: BatchShape, nproc: int, parallel: str
+               ) -> int:
+    """Freed memory glibc's heap holds at the peak, beyond the live tensors: holes left where short-lived
+    buffers were allocated between long-lived ones, which a later, larger buffer cannot reuse. Measured (VmRSS
+    against the allocator's live bytes and mallinfo, bench/plan_accuracy.py): about 0.85 times the saved
+    activations; under gradient checkpointing the recomputation allocates each layer's activations again
+    between the kept layer inputs, and the heap grew to about 0.55 times what the step would save without
+    checkpointing (only 0.03-0.05 times the checkpointed activations are live); and the 4-bit layers of QLoRA
+    dequantise their weights for every matmul, which added about 0.65 times those weights in the compute dtype."""
+    if s.grad_checkpointing:
+        plain = step_memory(arch, replace(s, grad_checkpointing=False), shape, nproc, parallel)
+        slack = CPU_HEAP_SLACK_CHECKPOINTED * plain.activations_total
+    else:
+        slack = CPU_HEAP_SLACK * mem.activations_total
+    if s.adapter == "qlora":
+        slack += CPU_HEAP_SLACK_DEQUANT * arch.linear_numel * s.compute_bytes
+    return round(slack)
 
 
 def _cpu_load_peak(arch: Architecture, s: Setting, mem: StepMemory) -> int:
@@ -163,7 +183,7 @@ def alternatives(cfg: RunConfig, arch: Architecture, data: DataProfile, device: 
     """Single changes that lower the peak, each planned in full, smallest peak first."""
     out = []
     for label, applies, change in ALTERNATIVES:
-        if not applies(cfg) or (device.kind == "cpu" and "8bit" in label[0]):
+        if not applies(cfg):
             continue
         alt = cfg.model_copy(update=change(cfg))
         prof = data
