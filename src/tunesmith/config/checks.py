@@ -36,8 +36,6 @@ def run_problems(cfg: RunConfig) -> list[Problem]:
     a = cfg.adapter
     if a.kind == "qlora" and cfg.precision == "fp16" and cfg.device == "cpu":
         p.append(Problem("precision", "fp16 compute is not supported on CPU", "use precision: auto, bf16 or fp32"))
-    if cfg.train.optimizer == "adamw_8bit" and cfg.device == "cpu":
-        p.append(Problem("train.optimizer", "8-bit AdamW needs a CUDA device", "use train.optimizer: adamw on CPU"))
     if not cfg.stages and cfg.data.train is None:
         p.append(Problem("data.train", "no training data given",
                          "set data.train to a file, folder or hub dataset id, e.g. data.train: train.jsonl"))
