@@ -6,7 +6,7 @@ precision `auto` gives here (fp32 on CPUs without native bf16), optionally bf16 
 hh-rlhf harmless pairs (examples/hh-rlhf), long enough that every row is cut to the sequence length (left
 truncation keeps the answers); SFT trains on the chosen conversations. Each row runs `tunesmith.train` (plan
 first, then the run, as `tunesmith train` does) in a fresh process, `nice`, and reports the process's peak RSS
-(ru_maxrss) and its step times; the prediction is `tunesmith.plan` for the same config. With --time each row's
+(VmHWM) and its step times; the prediction is `tunesmith.plan` for the same config. With --time each row's
 plan is calibrated (`plan --calibrate`, a few real steps on a separate sample) and its predicted time per step
 is compared with the run's median step time — measure that on an idle machine.
 
@@ -36,6 +36,7 @@ SECTION = "Plan accuracy"
 ADAPTERS = ("full", "lora", "dora", "qlora")
 METHODS = ("sft", "dpo")
 LENGTHS = {128: 4, 512: 2}  # sequence length -> micro-batch size (examples, or pairs for DPO)
+HELD_OUT = {256: 3}  # --held-out: a length and batch the plan's measured constants were not fitted on
 MIB = 2**20
 
 
@@ -55,7 +56,7 @@ def write_data(workdir: Path) -> dict[str, Path]:
 
 def row_config(adapter: str, method: str, length: int, ckpt: bool, precision: str, data: dict[str, Path],
                steps: int, out: Path) -> dict:
-    mbs = LENGTHS[length]
+    mbs = {**LENGTHS, **HELD_OUT}[length]
     cfg = {
         "name": f"{adapter}-{method}-{length}{'-ckpt' if ckpt else ''}-{precision}", "output_dir": str(out),
         "model": "default", "precision": precision, "method": method, "threads": 1,
@@ -149,6 +150,9 @@ def main() -> None:
     p.add_argument("--precision", nargs="+", default=["auto"], help="auto (fp32 here), fp32, bf16")
     p.add_argument("--rows", nargs="+", help="only these rows, e.g. lora-sft-128 qlora-dpo-512-ckpt")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per measured run (>= 2)")
+    p.add_argument("--held-out", action="store_true",
+                   help=f"the rows at {', '.join(map(str, HELD_OUT))} tokens instead: a check of the plan's "
+                        "measured constants (heap slack) on shapes they were not fitted on")
     p.add_argument("--smoke", action="store_true", help="one short row; prints, writes nothing")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = p.parse_args()
@@ -158,7 +162,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    combos = list(itertools.product(args.precision, ADAPTERS, METHODS, LENGTHS, (False, True)))
+    lengths = HELD_OUT if args.held_out else LENGTHS
+    combos = list(itertools.product(args.precision, ADAPTERS, METHODS, lengths, (False, True)))
     if args.smoke:
         combos, args.steps, args.no_write = [("auto", "lora", "sft", 128, False)], 2, True
     results = []
