@@ -1,8 +1,8 @@
 """Build train.jsonl and test.jsonl (one document per line: {"text", "topic"}) from the Python documentation
 topics that ship inside every CPython installation (`pydoc_data.topics`, the text `help("for")` prints; from
 the Python Language Reference, PSF License Version 2, see LICENSE), and general.jsonl: 100 general chat
-conversations (a seeded sample of the valid pairs of ../hh-rlhf, MIT, each prompt with its chosen reply) on
-which the eval measures what the adaptation cost.
+single-turn conversations (a seeded sample of the valid single-turn pairs of ../hh-rlhf, MIT, each question
+with its chosen reply) on which the eval measures what the adaptation cost.
 
 The committed files were made with CPython 3.11.7: `python examples/python-docs/prepare.py`. Topics differ a
 little between Python versions, so a rerun on another version writes slightly different files.
@@ -10,8 +10,9 @@ little between Python versions, so a rerun on another version writes slightly di
 Held out: a seeded sample of whole topics. Some topics repeat each other: a text under two names (`if` and
 `else`) is kept once, and since others share paragraphs (`break`, `continue` and `for`), topics that share long verbatim passages (20% of either's
 13-word runs) are grouped and each group goes to one side: the held-out perplexity then measures the domain,
-not memorised text (`tunesmith data check train.jsonl --eval test.jsonl` confirms it). The few longest topics
-are left out to keep the example small.
+not memorised text (`tunesmith data check train.jsonl --eval test.jsonl` confirms it). Topics over 10,000
+characters (the longest tenth) are left out and the general replies are single-turn, to keep the example
+within ten minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-MAX_CHARS = 20_000  # topics longer than this (the data model's special methods, ...) are left out
+MAX_CHARS = 10_000  # topics longer than this (the data model's special methods, ...) are left out
 HELD_OUT = 14  # at least this many held-out topics
 GENERAL = 100
 RUN, SHARED = 13, 0.2
@@ -79,16 +80,17 @@ def main() -> None:
 
 
 def write_general() -> None:
-    """hh-rlhf rows that tunesmith reads (a few have an empty Assistant turn), as conversations."""
+    """Single-turn hh-rlhf rows that tunesmith reads (a few have an empty Assistant turn), as conversations."""
     from tunesmith.data.load import load_examples
 
     pairs = load_examples(str(HERE.parent / "hh-rlhf" / "harmless-test.jsonl.gz"), skip_invalid=True).examples
+    pairs = [p for p in pairs if len(p.prompt) == 1 and len(p.chosen) == 1]
     chosen = sorted(random.Random(0).sample(range(len(pairs)), GENERAL))
     with open(HERE / "general.jsonl", "w", encoding="utf-8") as f:
         for i in chosen:
             messages = [{"role": m.role, "content": m.content} for m in pairs[i].prompt + pairs[i].chosen]
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-    print(f"general.jsonl: {GENERAL} conversations, {(HERE / 'general.jsonl').stat().st_size / 1000:.0f} KB")
+    print(f"general.jsonl: {GENERAL} single-turn conversations, {(HERE / 'general.jsonl').stat().st_size / 1000:.0f} KB")
 
 
 if __name__ == "__main__":
