@@ -8,10 +8,11 @@
     kernels are checked against, and what runs the varlen path on a CPU, where neither kernel exists;
   - Liger's fused linear cross-entropy (liger-kernel, Triton, CUDA only): per-token log-probs through a
     trained LM head without keeping the [tokens x vocab] logits;
-  - decoding on CPU (`decode_linears`): linear layers that see a few rows run as W @ x^T. The weights are
-    not in cache between tokens, and MKL's x @ W^T streams them poorly: on a 2-core EPYC, 32 rows through a
-    576x1536 weight took 1.6 ms against 1.0 ms, through SmolLM2's 49k-token head 85 ms against 40 ms. The
-    same products, summed in another order.
+  - decoding on CPU (`decode_linears`, the GRPO sampler's decode steps): linear layers that see a few rows
+    run as W @ x^T. The weights are not in cache between tokens, and MKL's x @ W^T streams them poorly: on a
+    2-core EPYC, 32 rows through a 576x1536 weight took 1.6 ms against 1.0 ms, through SmolLM2's 49k-token
+    head 85 ms against 40 ms. The same products, summed in another order. It is a torch function mode, so
+    every op inside it pays a Python call: transformers' generate loop (the eval) ran 20% slower under it.
 
 Every probe is cached: the answer cannot change within a process.
 """
