@@ -52,22 +52,30 @@ def release_checkpoint_mapping(model: nn.Module) -> int:
     if not ranges:
         return 0
 
-    def mapped(t: torch.Tensor) -> bool:
+    def mapping(t: torch.Tensor) -> tuple[int, int] | None:
         ptr = t.data_ptr()
-        return t.device.type == "cpu" and any(lo <= ptr < hi for lo, hi in ranges)
+        return next(((lo, hi) for lo, hi in ranges if lo <= ptr < hi), None) if t.device.type == "cpu" else None
 
-    found = [(store, name, t) for module in model.modules() for store in (module._parameters, module._buffers)
-             for name, t in store.items() if t is not None and mapped(t)]
-    in_file = sum(t.numel() * t.element_size() for t in {id(t): t for _, _, t in found}.values())
-    if in_file * 2 > sum(hi - lo for lo, hi in ranges):
-        return 0
+    found = [(store, name, t, mapping(t)) for module in model.modules()
+             for store in (module._parameters, module._buffers) for name, t in store.items() if t is not None]
+    found = [x for x in found if x[3] is not None]
+    in_file: dict[tuple[int, int], int] = {}
+    for t, where in {id(t): (t, where) for _, _, t, where in found}.values():
+        in_file[where] = in_file.get(where, 0) + t.numel() * t.element_size()
+    # per mapped file (other models of the process may map theirs): copy out only where this model's tensors
+    # are a small part of the file
+    release = {where for where, n in in_file.items() if n * 2 <= where[1] - where[0]}
     copies: dict[int, torch.Tensor] = {}
-    for store, name, t in found:
+    copied = 0
+    for store, name, t, where in found:
+        if where not in release:
+            continue
         if id(t) not in copies:
             data = t.detach().clone()
             copies[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+            copied += t.numel() * t.element_size()
         store[name] = copies[id(t)]
-    return in_file
+    return copied
 
 
 def cuda_peaks(device: torch.device | str | None = None) -> dict[str, float] | None:
