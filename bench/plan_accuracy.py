@@ -73,14 +73,11 @@ def row_config(adapter: str, method: str, length: int, ckpt: bool, precision: st
 
 
 def peak_rss() -> int:
-    """This process's own peak RSS. Not ru_maxrss: Linux carries the parent's peak across fork and exec into
-    it, and the parent has run the --calibrate steps (VmHWM is the peak of this process's memory alone)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    import resource
+    """This process's own peak RSS (VmHWM, model/memory.py: not ru_maxrss, which Linux carries from the parent
+    that ran the --calibrate steps into each child)."""
+    from tunesmith.model.memory import peak_rss_mib
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return round(peak_rss_mib() * MIB)
 
 
 def child(cfg_file: Path) -> None:
