@@ -148,6 +148,24 @@ def test_inverse_cdf_draws_in_proportion_and_never_an_impossible_token():
     assert inverse_cdf(one_hot, torch.Generator().manual_seed(1)).tolist() == [0, 17, 49]
 
 
+def test_inverse_cdf_across_blocks_picks_the_index_a_flat_cumulative_sum_picks():
+    from tunesmith.model.sampling import CDF_BLOCK, inverse_cdf
+
+    v = 3 * CDF_BLOCK + 37  # a last block that is partly padding
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(2000, v, generator=g) ** 4
+    probs[:, CDF_BLOCK:2 * CDF_BLOCK] = 0.0  # a whole block that cannot be drawn
+    probs[:, CDF_BLOCK - 1] = probs[:, 2 * CDF_BLOCK] = 0.0  # zeros on both sides of a block edge
+    probs[:1000, :-1] = 0.0  # rows whose only possible token is the last one
+    tokens = inverse_cdf(probs, torch.Generator().manual_seed(4))
+    u = torch.rand((2000, 1), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    flat = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    assert (tokens[:1000] == v - 1).all()
+    assert (probs.gather(1, tokens[:, None]) > 0).all()
+    assert (tokens == flat).float().mean() > 0.999  # the same draw, up to float64 rounding at the edges
+
+
 def test_reserved_cache_holds_exactly_what_concatenation_would(tiny):
     """The in-place cache against transformers' own DynamicCache, through appends and a row selection."""
     import copy
@@ -178,7 +196,8 @@ def test_decode_linears_compute_the_same_products_for_few_rows_only():
     from tunesmith.model.kernels import SKINNY_ROWS, decode_linears
 
     g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(1536, 576, generator=g), torch.randn(1536, generator=g)
+    big, small = torch.nn.Linear(576, 1536), torch.nn.Linear(576, 16, bias=False)  # small: a LoRA factor
+    model = torch.nn.Sequential(big, small)
     calls = []
     original = torch.mm
 
@@ -186,19 +205,22 @@ def test_decode_linears_compute_the_same_products_for_few_rows_only():
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    for rows in (1, 3, SKINNY_ROWS, SKINNY_ROWS + 1):
-        x = torch.randn(rows, 1, 576, generator=g)
-        with decode_linears("cpu"):
-            torch.mm = counting_mm
-            try:
-                got = torch.nn.functional.linear(x, w, b)
-            finally:
-                torch.mm = original
-        torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
-        assert got.shape == (rows, 1, 1536) and got.is_contiguous()
-        assert bool(calls) == (rows <= SKINNY_ROWS)  # the W @ x^T path, and only for few rows
-        calls.clear()
-    small = torch.randn(16, 576, generator=g)  # a LoRA factor keeps F.linear
-    x = torch.randn(2, 576, generator=g)
-    with decode_linears("cpu"):
-        torch.testing.assert_close(torch.nn.functional.linear(x, small), x @ small.t())
+    with torch.no_grad():
+        for rows in (1, 3, SKINNY_ROWS, SKINNY_ROWS + 1):
+            x = torch.randn(rows, 1, 576, generator=g)
+            with decode_linears(model, "cpu"):
+                torch.mm = counting_mm
+                try:
+                    got, got_small = big(x), small(x)
+                finally:
+                    torch.mm = original
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, big.weight, big.bias), atol=1e-4,
+                                       rtol=1e-5)
+            torch.testing.assert_close(got_small, x @ small.weight.t())
+            assert got.shape == (rows, 1, 1536) and got.is_contiguous()
+            assert calls == ([big.weight.shape] if rows <= SKINNY_ROWS else [])  # W @ x^T, few rows, big only
+            calls.clear()
+        assert "forward" not in big.__dict__ and "forward" not in small.__dict__  # put back on leaving
+        x = torch.randn(2, 1, 576, generator=g)
+        with decode_linears(model, "meta"):  # elsewhere than the CPU: nothing changes
+            assert "forward" not in big.__dict__

@@ -8,11 +8,10 @@
     kernels are checked against, and what runs the varlen path on a CPU, where neither kernel exists;
   - Liger's fused linear cross-entropy (liger-kernel, Triton, CUDA only): per-token log-probs through a
     trained LM head without keeping the [tokens x vocab] logits;
-  - decoding on CPU (`decode_linears`, the GRPO sampler's decode steps): linear layers that see a few rows
-    run as W @ x^T. The weights are not in cache between tokens, and MKL's x @ W^T streams them poorly: on a
-    2-core EPYC, 32 rows through a 576x1536 weight took 1.6 ms against 1.0 ms, through SmolLM2's 49k-token
-    head 85 ms against 40 ms. The same products, summed in another order. It is a torch function mode, so
-    every op inside it pays a Python call: transformers' generate loop (the eval) ran 20% slower under it.
+  - decoding on CPU (`decode_linears`, the GRPO sampler's decode steps): linear layers that
+    see a few rows run as W @ x^T. The weights are not in cache between tokens, and MKL's x @ W^T streams
+    them poorly: on a 2-core EPYC, 32 rows through a 576x1536 weight took 1.6 ms against 1.0 ms, through
+    SmolLM2's 49k-token head 85 ms against 40 ms. The same products (bit-identical in the tests here).
 
 Every probe is cached: the answer cannot change within a process.
 """
@@ -23,11 +22,11 @@ import contextlib
 import functools
 import inspect
 import math
+import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 # (q [N, H, D], k [N, KV, D], v [N, KV, D], cu_seqlens int32 [S + 1], max_len, scale) -> out [N, H, D]
 VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
@@ -151,24 +150,36 @@ SKINNY_ROWS = 64  # up to this many rows, CPU linear layers run as W @ x^T while
 SKINNY_WEIGHT = 2**16  # ... when their weight has at least this many entries (not LoRA's small factors)
 
 
-class SkinnyLinear(TorchFunctionMode):
-    """While active, `F.linear` of a CPU input of at most SKINNY_ROWS rows through a large weight computes
-    (W @ x^T)^T, made contiguous (a transposed view would send attention to a slower kernel)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, w = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if (x.device.type == "cpu" and w.dim() == 2 and x.dim() >= 2 and x.dtype == w.dtype
-                    and x.numel() <= SKINNY_ROWS * x.shape[-1] and w.numel() >= SKINNY_WEIGHT):
-                out = torch.mm(w, x.reshape(-1, x.shape[-1]).t()).t().contiguous()
-                if bias is not None:
-                    out = out + bias
-                return out.reshape(*x.shape[:-1], w.shape[0])
-        return func(*args, **kwargs)
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), computed as (W @ x^T)^T for a CPU input of at most SKINNY_ROWS rows in the
+    weight's dtype, made contiguous (a transposed view would send attention to a slower kernel)."""
+    if x.device.type != "cpu" or x.dtype != weight.dtype or x.numel() > SKINNY_ROWS * x.shape[-1]:
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.reshape(-1, x.shape[-1]).t()).t().contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def decode_linears(device: torch.device | str):
-    """The context decode steps run in: `SkinnyLinear` on CPU, nothing elsewhere."""
-    return SkinnyLinear() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return skinny_linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def decode_linears(model: torch.nn.Module, device: torch.device | str):
+    """While active on CPU, the model's plain `nn.Linear` layers with at least SKINNY_WEIGHT weights (not
+    LoRA factors, not quantised layers) run `skinny_linear`. Each layer's forward is replaced on the
+    instance, so only these calls pay anything: a torch function mode, tried first, ran every op of the
+    forward through Python and gave back most of the gain."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dim() == 2
+              and m.weight.numel() >= SKINNY_WEIGHT and "forward" not in m.__dict__]
+    for m in layers:
+        m.forward = types.MethodType(_skinny_forward, m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
