@@ -297,3 +297,23 @@ def test_grpo_under_torchrun_stops_with_a_clear_error(tiny_dir, tmp_path):
     assert "'grpo' samples its batches during training and runs in one process only" in results["dist"]["error"]
     assert "2 processes" in results["dist"]["error"]
     assert not (tmp_path / "runs" / "dist" / "adapter").exists()
+
+
+@pytest.mark.parametrize("sample_rows,batches", [(16, 2), (1, 4)])
+def test_a_steps_prompts_are_sampled_together_up_to_sample_rows(tiny_dir, tmp_path, monkeypatch, sample_rows,
+                                                                batches):
+    from tunesmith.model.sampling import Sampler
+
+    calls = []
+    original = Sampler._chunk
+
+    def counting(self, prompts, settings, generator):
+        calls.append(len(prompts))
+        return original(self, prompts, settings, generator)
+
+    monkeypatch.setattr(Sampler, "_chunk", counting)
+    cfg = config(tiny_dir, tmp_path, method_args={"sample_rows": sample_rows})  # 2 steps of 2 x 2 prompts, G 4
+    run = tunesmith.train(cfg, console=Console(file=open("/dev/null", "w")), progress=False, evaluate=False)
+    assert len(records(run)) == 2
+    # 16 rows: a step's 4 prompts (16 completions) in one batch; 1 row: never fewer than a micro-batch (2)
+    assert calls == [4 // (batches // 2)] * batches

@@ -107,6 +107,9 @@ class MethodConfig(Section):
     epsilon_high: float | None = Field(None, gt=0)  # None: epsilon; larger: DAPO's clip-higher
     scale_rewards: Literal["group", "batch", "none"] = "group"
     iterations: int = Field(1, ge=1)  # optimizer steps on each sampled batch
+    # completions sampled as one batch: a step's prompts go together, sample_rows // group_size of them (at
+    # least a micro-batch); decoding reads every weight once per token, whatever the rows
+    sample_rows: int = Field(64, ge=1)
 
     @field_validator("rewards", mode="before")
     @classmethod
@@ -125,7 +128,7 @@ METHOD_ARGS: dict[str, set[str]] = {
     "simpo": {"beta", "simpo_gamma", "label_smoothing", "sft_weight", "share_prompt"},
     "kto": {"beta", "kto_desirable_weight", "kto_undesirable_weight"} | _REFERENCE_KEYS,
     "grpo": {"beta", "share_prompt", "rewards", "group_size", "max_new_tokens", "temperature", "top_p", "top_k", "loss_type",
-             "epsilon", "epsilon_high", "scale_rewards", "iterations"},
+             "epsilon", "epsilon_high", "scale_rewards", "iterations", "sample_rows"},
 }
 
 

@@ -171,7 +171,8 @@ class GRPO(MethodBase):
         if not flat:
             return [], {}
         size = max(len(mb) for mb in prompts)
-        sampled, stats = sampler.sample([p.input_ids for _, p in flat], self.sampling, generator, chunk=size)
+        together = max(size, self.args.sample_rows // self.sampling.group_size)
+        sampled, stats = sampler.sample([p.input_ids for _, p in flat], self.sampling, generator, chunk=together)
         groups = self._score(sampler, flat, sampled)
         if self.args.iterations > 1:
             self._old_logps(sampler, groups, collate)

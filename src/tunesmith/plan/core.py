@@ -243,7 +243,7 @@ def _plan_stage(cfg: RunConfig, dev: Device, nproc: int, parallel: str, calibrat
     notes = [n for n in (tok_note, *data.notes) if n]
     if method.online:
         notes.append(f"{cfg.method} samples its batches: memory and time are for training on answers of "
-                     "max_new_tokens each; sampling them adds time and a KV cache (micro_batch_size x group_size rows) "
+                     "max_new_tokens each; sampling them adds time and a KV cache (up to method_args.sample_rows rows) "
                      "that are not counted here")
     if s.precision != cfg.precision and cfg.precision == "auto":
         notes.append(f"precision auto is {s.precision} on {dev.name}")
