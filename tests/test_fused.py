@@ -91,6 +91,22 @@ def test_attention_matches_eager_with_grouped_heads_and_a_block_mask(dtype, tol)
         torch.testing.assert_close(gt.float(), w.float(), atol=tol, rtol=tol)
 
 
+def test_a_decoding_step_takes_the_matmul_attention_and_matches_sdpa(monkeypatch):
+    """One query per row against a cache with padding (what the GRPO sampler's decode steps send)."""
+    from transformers.integrations import sdpa_attention
+
+    from tunesmith.model.fused import attention_forward
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, h, t, 8, generator=g) for h, t in ((6, 1), (2, 9), (2, 9)))
+    mask = torch.zeros(3, 1, 1, 9)
+    mask[0, ..., :4] = torch.finfo(torch.float32).min  # a left-padded row
+    want = sdpa_attention.sdpa_attention_forward(_Module, q, k, v, mask, scaling=0.3)[0]
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **kw: pytest.fail("took SDPA"))
+    got = attention_forward(_Module, q, k, v, mask, scaling=0.3)[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_attention_gradcheck_float64():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, h, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))

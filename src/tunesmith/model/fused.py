@@ -109,7 +109,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
     """A transformers attention function (registered as "tunesmith"); returns ([B, T, H, D], None). It takes
     full-sequence attention with an explicit mask and decoding steps (one query per row against a cache: on
-    CPU, SDPA's kernel took 1.3 ms a layer for 32 rows of 80 keys, the two matmuls a few times less);
+    CPU, SDPA's kernel took 0.47-0.65 ms a layer for 32 rows of 80 keys, the two matmuls 0.32-0.36 ms);
     anything else (chunks of queries against a cache, attention dropout) goes to transformers' SDPA path."""
     decoding = query.shape[-2] == 1
     if attention_mask is None or (query.shape[-2] != key.shape[-2] and not decoding) or (dropout and module.training):
