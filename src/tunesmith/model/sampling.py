@@ -13,7 +13,7 @@ A chunk of prompts runs as one batch:
      whole cache of every layer for every token).
 
 Sampling runs the large linear layers of few rows as W @ x^T on CPU (`kernels.decode_linears`), and the
-Python collector is held off while a chunk is sampled (see `_chunk`).
+Python collector is held off while sampling (see `Sampler.sample`).
 
 A token is drawn by inverting the cumulative distribution of its row (one uniform number per row, float64
 sums, in blocks of the vocabulary); torch.multinomial draws an exponential variate for every entry of the
@@ -101,8 +101,8 @@ def draw(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Gene
     top = scaled.max(-1, keepdim=True).values
     weights = (scaled - top).exp_()
     log_norm = top.squeeze(-1) + weights.sum(-1).log()
-    if settings.top_k or settings.top_p < 1.0:
-        weights = filter_logits(scaled, settings.top_k, settings.top_p).softmax(-1)
+    if settings.top_k or settings.top_p < 1.0:  # inverse_cdf takes unnormalised weights
+        weights = weights.masked_fill(filter_logits(scaled, settings.top_k, settings.top_p) == float("-inf"), 0.0)
     tokens = inverse_cdf(weights, generator)
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
 
@@ -123,7 +123,7 @@ def inverse_cdf(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     u = torch.rand((r, 1), generator=generator, dtype=torch.float64, device=probs.device)
     target = u * block_cdf[:, -1:]
     block = torch.searchsorted(block_cdf, target, right=True).clamp(max=blocks - 1)  # [R, 1]
-    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    before = torch.nn.functional.pad(block_cdf, (1, 0)).gather(-1, block)  # the sum of the blocks before it
     inside = padded.gather(1, block[:, :, None].expand(r, 1, CDF_BLOCK)).squeeze(1)  # [R, BLOCK]
     index = torch.searchsorted(inside.double().cumsum(-1), target - before, right=True)
     # rounding can leave what is left at or past the block's own sum: take its last nonzero entry then
@@ -206,7 +206,7 @@ class Sampler:
         step = chunk or len(prompts) or 1
         collecting = gc.isenabled()
         # the collector's full passes over every object of the process (the model's modules, the tokenizer's
-        # vocabulary) were 4% of a decode profile; a decode step makes no reference cycles to collect
+        # vocabulary) were 4% of a decode profile; any cycles sampling leaves are collected after it
         gc.disable()
         try:
             with decode_linears(self.model, self.device):
